@@ -1,0 +1,76 @@
+"""What every Prism gRPC server and client shares: message limits, health, reflection.
+
+Each tier builds its `grpc.aio` server with `make_server`, which registers the
+`grpc.health.v1` service (NOT_SERVING until the tier calls `set_serving`) and server
+reflection. Large tensors travel in chunks of about CHUNK_BYTES; limits are raised on
+both ends anyway.
+"""
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 256 << 20
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class Served:
+    """A started-or-not aio server plus its health servicer."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, services: list[str]):
+        self.server = server
+        self.health = health_servicer
+        self.services = services
+        self.port: int | None = None
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.services]:
+            await self.health.set(name, status)
+
+
+def make_server(service_names: list[str], bind: str) -> Served:
+    """An aio server bound to `bind` (host:port, port 0 = any free), with health
+    (NOT_SERVING) and reflection registered for `service_names` (full names)."""
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    served = Served(server, health_servicer, service_names)
+    served.port = server.add_insecure_port(bind)
+    return served
+
+
+def channel(target: str) -> grpc.aio.Channel:
+    """An aio channel to `target` (host:port) with Prism's message limits."""
+    return grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
+
+
+async def wait_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
+    """Block until the server at `target` reports SERVING (or raise TimeoutError)."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    async with channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} not SERVING after {timeout:.0f}s")
+            await asyncio.sleep(0.2)

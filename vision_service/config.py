@@ -1,0 +1,23 @@
+"""Vision tier settings (LMDeploy's VisionConfig, plus where and how long to batch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class VisionConfig:
+    """max_batch_size: images (or tiles) per vision forward, across all callers.
+    batch_window_ms: how long the batcher waits for more images once one is queued.
+    thread_safe: accepted for LMDeploy compatibility; it has no effect there either."""
+
+    max_batch_size: int = 1
+    thread_safe: bool = False
+    batch_window_ms: float = 2.0
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ValueError(f"VisionConfig.max_batch_size must be an int >= 1, got {self.max_batch_size!r}")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"VisionConfig.batch_window_ms must be >= 0, got {self.batch_window_ms!r}")
