@@ -42,6 +42,16 @@ def image_server(tmp_path_factory):
     server.server_close()
 
 
+@pytest.fixture(scope="session")
+def split_tiers(tiny_llava, tmp_path_factory):
+    """vision, llm and gateway as three processes on loopback, shared by the session's tests."""
+    from gateway.tiers import start_tiers
+
+    with start_tiers(str(tiny_llava), vision_args=["--device", "cpu", "--vision-max-batch-size", "4"],
+                     llm_args=["--device", "cpu"], log_dir=tmp_path_factory.mktemp("tiers")) as tiers:
+        yield tiers
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
