@@ -1,0 +1,1 @@
+"""Language models built from the TP-aware layers and loaded from HF safetensors."""

@@ -1,0 +1,139 @@
+"""Llama (and the Llama text model inside LLaVA) over packed tokens and a paged KV cache.
+
+Tokens of all sequences in a step are packed into one [T] batch; AttentionMetadata says
+where each sequence's keys live. Image rows replace the token embedding at their
+positions, which is how LLaVA splices vision features into the text stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llm_service.layers.activation import SiluAndMul
+from llm_service.layers.attention import Attention, AttentionMetadata
+from llm_service.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from llm_service.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from llm_service.layers.norm import RMSNorm
+from llm_service.layers.rotary import RotaryEmbedding, apply_rotary
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class LlamaArgs:
+    """The text-config fields the model needs (read from config.json by models.loader)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: dict
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(a.hidden_size, a.head_dim, a.num_heads, a.num_kv_heads, a.attention_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.head_dim = a.head_dim
+        self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, a.attention_bias)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, a.head_dim, a.head_dim**-0.5)
+
+    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, k, *rope)
+        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(a.hidden_size, [a.intermediate_size] * 2, a.mlp_bias)
+        self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, a.mlp_bias)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.self_attn = LlamaAttention(a)
+        self.mlp = LlamaMLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, rope: Rope, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(rope, self.input_layernorm(h), meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size)
+        self.rotary = RotaryEmbedding(a.head_dim, a.max_position_embeddings, a.rope)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(a) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        image_mask: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        if image_mask is not None:
+            h[image_mask] = image_rows.to(h.dtype)
+        rope = self.rotary(positions)
+        for layer in self.layers:
+            h = layer(rope, h, meta)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint projection name -> (our fused parameter's module, shard id)
+    packed = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.args = a
+        self.model = LlamaModel(a)
+        self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        image_mask: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states [T, hidden] of the packed tokens."""
+        return self.model(input_ids, positions, meta, image_mask, image_rows)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
