@@ -1,0 +1,109 @@
+"""The synchronous engine: one step = schedule, forward, sample, retire.
+
+Not thread-safe: AsyncLLMEngine drives it from a single thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm_service.config import EngineConfig
+from llm_service.distributed import init_tp
+from llm_service.engine.block_manager import BlockManager
+from llm_service.engine.model_runner import ModelRunner
+from llm_service.engine.sampler import SamplingBatch, sample
+from llm_service.engine.scheduler import Scheduler
+from llm_service.engine.sequence import Sequence, Status
+from llm_service.models.loader import read_spec
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class StepOutput:
+    seq: Sequence
+    token_id: int | None  # None when the sequence retires without a new token
+    logits: torch.Tensor | None  # raw logits [vocab] of the step, when the request asked
+    finish_reason: str | None
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class LLMEngine:
+    def __init__(self, model_path: str, config: EngineConfig):
+        if config.tp != 1:
+            raise ValueError(f"tp={config.tp}: tensor parallelism is not wired up yet (tp=1 only)")
+        init_tp(0, 1)
+        self.spec = read_spec(model_path)
+        self.config = config
+        self.device = resolve_device(config)
+        if config.dtype != "auto":
+            self.dtype = _DTYPES[config.dtype]
+        else:
+            self.dtype = self.spec.dtype if self.device.type == "cuda" else torch.float32
+        self.session_len = config.session_len or self.spec.args.max_position_embeddings
+        if self.session_len > self.spec.args.max_position_embeddings:
+            raise ValueError(
+                f"session_len {self.session_len} exceeds the model's max_position_embeddings "
+                f"{self.spec.args.max_position_embeddings}"
+            )
+        self.max_batch_size = config.max_batch_size or (256 if self.device.type == "cuda" else 32)
+        self.runner = ModelRunner(self.spec, config, self.dtype, self.device, self.session_len, self.max_batch_size)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, self.max_batch_size, config.max_prefill_token_num)
+        self.eos_token_ids = self.spec.eos_token_ids
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        if seq.status != Status.FINISHED:
+            self.scheduler.finish(seq, "abort")
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[StepOutput]:
+        batch, too_big = self.scheduler.schedule()
+        outputs = []
+        for seq in too_big:  # its tokens so far no longer fit in the whole cache
+            self.scheduler.finish(seq, "length")
+            outputs.append(StepOutput(seq, None, None, "length"))
+        if not batch:
+            return outputs
+        logits = self.runner.run(batch)
+        sampling = [item.seq for item in batch if item.samples]
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_tokens
+            self.blocks.commit(item.seq)
+        if not sampling:
+            return outputs
+        vocab = self.spec.args.vocab_size
+        params = SamplingBatch.build(sampling, self.eos_token_ids, vocab, self.device)
+        tokens = sample(logits, params).tolist()
+        for row, (seq, token) in enumerate(zip(sampling, tokens)):
+            seq.token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+            row_logits = logits[row] if seq.params.output_logits else None
+            outputs.append(StepOutput(seq, token, row_logits, reason))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        stops = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+        if stops and seq.num_output_tokens >= p.min_new_tokens:
+            return "stop"
+        if p.max_new_tokens and seq.num_output_tokens >= p.max_new_tokens:
+            return "length"
+        if len(seq) >= self.session_len:
+            return "length"
+        return None

@@ -1,0 +1,119 @@
+"""Owns the model and its paged KV cache; turns a scheduled batch into logits.
+
+Each step packs the scheduled tokens of all sequences into flat tensors (ids, positions,
+cache slots, image rows) plus the attention metadata, runs one forward and returns the
+logits of the sequences that sample this step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llm_service.config import EngineConfig
+from llm_service.engine.scheduler import Scheduled
+from llm_service.layers.attention import Attention, AttentionMetadata
+from llm_service.models.llama import LlamaForCausalLM
+from llm_service.models.loader import ModelSpec, load_model
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        config: EngineConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        session_len: int,
+        max_batch_size: int,
+    ):
+        self.spec, self.dtype, self.device = spec, dtype, device
+        self.block_size = config.block_size
+        self.model: LlamaForCausalLM = load_model(spec, dtype, device)
+        self.attention = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.uses_kernels = device.type == "cuda" and all(a.use_kernels() for a in self.attention)
+        self.num_blocks = self._num_blocks(config, session_len, max_batch_size)
+        a = self.attention[0]
+        shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        for attn in self.attention:
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def _block_bytes(self) -> int:
+        a = self.attention[0]
+        per_token = 2 * len(self.attention) * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return per_token * self.block_size
+
+    def _num_blocks(self, config: EngineConfig, session_len: int, max_batch_size: int) -> int:
+        """cache_max_entry_count > 1 is a block count; otherwise a fraction of the budget:
+        on CPU session_len x max_batch_size tokens, on CUDA the memory free after weights
+        (less an estimate of the activations of the largest step)."""
+        if config.cache_max_entry_count > 1:
+            return int(config.cache_max_entry_count)
+        if self.device.type != "cuda":
+            tokens = session_len * max_batch_size * config.cache_max_entry_count
+            return max(1, math.ceil(tokens / self.block_size))
+        free, _ = torch.cuda.mem_get_info(self.device)
+        a = self.spec.args
+        width = 6 * a.hidden_size + 3 * a.intermediate_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
+        activations = config.max_prefill_token_num * width * self.dtype.itemsize
+        sampler = 8 * max_batch_size * a.vocab_size * 4  # fp32 logits, sort, noise, ...
+        usable = min(free * config.cache_max_entry_count, free - activations - sampler)
+        num = int(usable // self._block_bytes())
+        if num < 1:
+            raise RuntimeError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after weights)")
+        return num
+
+    def _prepare(self, batch: list[Scheduled]):
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        seq_lens: list[int] = []
+        image_mask: list[bool] = []
+        image_rows: list[torch.Tensor] = []
+        logits_rows: list[int] = []
+        for item in batch:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_tokens
+            ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]
+            mask = [False] * item.num_tokens
+            for img in seq.images:
+                lo, hi = max(start, img.start), min(end, img.end)
+                if lo < hi:
+                    mask[lo - start : hi - start] = [True] * (hi - lo)
+                    image_rows.append(img.embedding[lo - img.start : hi - img.start])
+            image_mask += mask
+            cu.append(cu[-1] + item.num_tokens)
+            seq_lens.append(end)
+            if item.samples:
+                logits_rows.append(cu[-1] - 1)
+        width = max(len(item.seq.block_table) for item in batch)
+        tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
+        dev = self.device
+
+        def put(values, dtype):
+            t = torch.tensor(values, dtype=dtype)
+            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+        meta = AttentionMetadata(
+            slot_mapping=put(slots, torch.int64),
+            block_tables=put(tables, torch.int32),
+            cu_seqlens_q=put(cu, torch.int32),
+            seq_lens=put(seq_lens, torch.int32),
+        )
+        mask_t = rows_t = None
+        if image_rows:
+            mask_t = put(image_mask, torch.bool)
+            rows_t = torch.cat([r.to(dev) for r in image_rows])
+        return put(ids, torch.int64), put(positions, torch.int64), meta, mask_t, rows_t, put(logits_rows, torch.int64)
+
+    @torch.inference_mode()
+    def run(self, batch: list[Scheduled]) -> torch.Tensor:
+        """One forward over the batch; float32 logits [n_sampling, vocab], in batch order."""
+        ids, positions, meta, mask, rows, logits_rows = self._prepare(batch)
+        hidden = self.model(ids, positions, meta, mask, rows)
+        return self.model.compute_logits(hidden[logits_rows]).float()

@@ -1,0 +1,107 @@
+"""Batched token selection with transformers' semantics.
+
+Processors run on the whole batch at once, in transformers' order: repetition penalty
+(over prompt + generated ids), banned ids, stop ids suppressed until min_new_tokens;
+then for sampled rows temperature, top-k, top-p and min-p, and a draw. Greedy rows take
+the exact argmax. Rows with a seed draw their noise from their own torch.Generator, so
+a seeded request samples the same tokens whatever it is batched with.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm_service.engine.sequence import Sequence
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row tensors of one step's sampling settings (built once per step)."""
+
+    greedy: torch.Tensor  # bool [B]
+    temperature: torch.Tensor  # [B]
+    top_k: torch.Tensor  # int64 [B], vocab size when off
+    top_p: torch.Tensor  # [B]
+    min_p: torch.Tensor  # [B]
+    penalty: torch.Tensor | None  # [B], None when no row penalises
+    history: torch.Tensor | None  # int64 [B, L] prompt + output ids (padded with row's first id)
+    banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, ids) to set to -inf
+    generators: list[tuple[int, torch.Generator]]  # seeded rows
+    any_sampled: bool
+
+    @classmethod
+    def build(cls, seqs: list[Sequence], eos_ids: list[int], vocab_size: int, device: torch.device) -> SamplingBatch:
+        ps = [s.params for s in seqs]
+        f32 = dict(dtype=torch.float32, device=device)
+        penalty = history = None
+        if any(p.repetition_penalty != 1.0 for p in ps):
+            penalty = torch.tensor([p.repetition_penalty for p in ps], **f32)
+            width = max(len(s) for s in seqs)
+            history = torch.tensor([s.token_ids + [s.token_ids[0]] * (width - len(s)) for s in seqs], device=device)
+        rows: list[int] = []
+        ids: list[int] = []
+        for r, (s, p) in enumerate(zip(seqs, ps)):
+            banned = list(p.bad_token_ids)
+            if s.num_output_tokens < p.min_new_tokens:
+                banned += p.stop_token_ids + ([] if p.ignore_eos else eos_ids)
+            rows += [r] * len(banned)
+            ids += banned
+        banned_t = (torch.tensor(rows, device=device), torch.tensor(ids, device=device)) if ids else None
+        return cls(
+            greedy=torch.tensor([p.greedy for p in ps], device=device),
+            temperature=torch.tensor([p.temperature if not p.greedy else 1.0 for p in ps], **f32),
+            top_k=torch.tensor([p.top_k or vocab_size for p in ps], device=device),
+            top_p=torch.tensor([p.top_p for p in ps], **f32),
+            min_p=torch.tensor([p.min_p for p in ps], **f32),
+            penalty=penalty,
+            history=history,
+            banned=banned_t,
+            generators=[(r, s.generator) for r, s in enumerate(seqs) if s.generator is not None and not s.params.greedy],
+            any_sampled=not all(p.greedy for p in ps),
+        )
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Processors that apply to greedy and sampled rows alike (on a copy of logits)."""
+    logits = logits.clone()
+    if b.penalty is not None:
+        seen = logits.gather(1, b.history)
+        pen = b.penalty[:, None]
+        logits.scatter_(1, b.history, torch.where(seen < 0, seen * pen, seen / pen))
+    if b.banned is not None:
+        logits[b.banned] = float("-inf")
+    return logits
+
+
+def filter_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masking, all rows at once."""
+    logits = logits / b.temperature[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    drop = rank >= b.top_k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+    drop = (before >= b.top_p[:, None]) & (rank > 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    drop = probs < b.min_p[:, None] * probs[:, :1]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Next token id per row, int64 [B], from raw float32 logits [B, vocab]."""
+    logits = apply_penalties(logits, b)
+    chosen = logits.argmax(dim=-1)
+    if not b.any_sampled:
+        return chosen
+    probs = filter_logits(logits, b).softmax(dim=-1)
+    # a categorical draw as argmax(p / E) with E ~ Exp(1): one batched op, no host sync
+    noise = torch.empty_like(probs).exponential_()
+    for row, gen in b.generators:
+        noise[row].exponential_(generator=gen)
+    drawn = (probs / noise).argmax(dim=-1)
+    return torch.where(b.greedy, chosen, drawn)
