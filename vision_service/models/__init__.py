@@ -1,8 +1,6 @@
 """Vision families, one file each; `load_vision_model` picks one by architecture."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from vision_service.checkpoint import Checkpoint
@@ -11,12 +9,11 @@ from vision_service.models.base import PreparedImage, VisionModel
 __all__ = ["PreparedImage", "VisionModel", "load_vision_model"]
 
 
-def load_vision_model(path: str | Path, device: torch.device, dtype: torch.dtype) -> VisionModel:
-    """The vision part of the checkpoint at `path`, loaded on `device` in `dtype`."""
-    ckpt = Checkpoint.open(path)
+def load_vision_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> VisionModel:
+    """The vision part of checkpoint `ckpt`, loaded on `device` in `dtype`."""
     archs = ckpt.config.get("architectures") or []
     if "LlavaForConditionalGeneration" in archs or ckpt.config.get("model_type") == "llava":
         from vision_service.models.llava import LlavaVision
 
         return LlavaVision(ckpt, device, dtype)
-    raise ValueError(f"{path}: no vision model for architectures {archs} (model_type {ckpt.config.get('model_type')!r})")
+    raise ValueError(f"{ckpt.path}: no vision model for architectures {archs} (model_type {ckpt.config.get('model_type')!r})")

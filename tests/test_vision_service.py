@@ -1,0 +1,308 @@
+"""vision_service against transformers: preprocessing bit for bit, embeddings within
+1e-5 (fp32), the dynamic batcher, the wire format and the gRPC server on loopback."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from protos import common_pb2
+from vision_service.checkpoint import Checkpoint
+from vision_service.config import VisionConfig
+from vision_service.engine import VisionEngine
+from vision_service.models import load_vision_model
+from vision_service.preprocess import ImageProcessorConfig, decode_image, preprocess
+from vision_service.types import ImageEmbedding
+from vision_service.wire import EmbeddingAssembler, to_chunks
+
+CPU = torch.device("cpu")
+
+
+def noise(seed: int, width: int, height: int, channels: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+def odd_images() -> list[Image.Image]:
+    """Odd sizes, both orientations, smaller and larger than the model input, many modes."""
+    out = []
+    for i, (w, h) in enumerate([(45, 71), (71, 45), (17, 33), (300, 7), (31, 32), (5, 5), (129, 64)]):
+        a = noise(i, w, h, 4)
+        out += [Image.fromarray(a, "RGBA"), Image.fromarray(a[..., :3]), Image.fromarray(a[..., 0], "L"),
+                Image.fromarray(a[..., :2], "LA"), Image.fromarray(a[..., :3]).convert("P"),
+                Image.fromarray(a[..., :3]).convert("CMYK")]
+    p = Image.fromarray(noise(9, 20, 30)[..., 0], "L").convert("P")
+    p.info["transparency"] = 5
+    return out + [p]
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_input(data: bytes) -> common_pb2.ImageInput:
+    return common_pb2.ImageInput(data=data, sha256=hashlib.sha256(data).hexdigest())
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llava):
+    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+
+    processor = AutoImageProcessor.from_pretrained(str(tiny_llava), backend="pil")
+    model = LlavaForConditionalGeneration.from_pretrained(str(tiny_llava), dtype=torch.float32).eval()
+    return processor, model
+
+
+def hf_features(model, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    cfg = model.config
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values=pixel_values, vision_feature_layer=cfg.vision_feature_layer,
+                                       vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out  # v5 output object / v4 tensor
+    return list(feats)
+
+
+def assert_close_with_margin(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    assert ref.abs().max() > 1.0  # random weights give large values: 1e-5 is a real bound
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+# ---- preprocessing -------------------------------------------------------------------
+
+def test_preprocess_bit_exact_vs_transformers(hf, tiny_llava):
+    processor, _ = hf
+    cfg = ImageProcessorConfig.from_pretrained(tiny_llava)
+    for image in odd_images():
+        ref = processor(image)["pixel_values"][0]
+        ours = preprocess(image, cfg)
+        assert ours.dtype == ref.dtype == np.float32 and ours.shape == ref.shape == (3, 32, 32)
+        assert np.array_equal(ours, ref), (image.mode, image.size)
+
+
+def test_preprocess_reads_legacy_preprocessor_config(tiny_llava, tmp_path):
+    d = json.loads((tiny_llava / "processor_config.json").read_text())["image_processor"]
+    d.update(size=24, crop_size=20, resample=2)  # v4-era int sizes, bilinear
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(d))
+    cfg = ImageProcessorConfig.from_pretrained(tmp_path)
+    assert (cfg.shortest_edge, cfg.crop_size, cfg.resample) == (24, (20, 20), 2)
+    assert preprocess(Image.fromarray(noise(0, 50, 30)), cfg).shape == (3, 20, 20)
+
+
+def test_decode_image_round_trip_and_errors():
+    image = Image.fromarray(noise(1, 23, 19, 4), "RGBA")
+    decoded = decode_image(png(image))
+    assert decoded.mode == "RGBA" and np.array_equal(np.asarray(decoded), np.asarray(image))
+    data = png(Image.fromarray(noise(2, 64, 64)))
+    for bad in [b"", b"not an image at all", data[: len(data) // 2]]:
+        with pytest.raises(ValueError, match="cannot decode image"):
+            decode_image(bad)
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        decode_image(data, max_pixels=64 * 63)
+
+
+# ---- model ---------------------------------------------------------------------------
+
+def test_embeddings_match_transformers(hf, tiny_llava):
+    processor, model = hf
+    ours = load_vision_model(Checkpoint.open(tiny_llava), CPU, torch.float32)
+    images = [Image.fromarray(noise(10 + i, 40 + 7 * i, 30 + 3 * i)) for i in range(3)]
+    refs = hf_features(model, processor(images, return_tensors="pt")["pixel_values"])
+    embs = ours.encode([ours.prepare(im, {}) for im in images])
+    assert ours.hidden_size == 64 and len(embs) == 3
+    for emb, ref in zip(embs, refs):
+        assert emb.rows == 16 and emb.grid_thw is None
+        assert_close_with_margin(emb.embedding, ref)
+
+
+def _v4_sharded_copy(src, dst) -> None:
+    """Rewrite a checkpoint in the v4/hub layout (vision_model infix), in two shards."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = load_file(src / "model.safetensors")
+    renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in tensors.items()}
+    names = sorted(renamed)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: renamed[k].contiguous() for k in keys}, dst / shard, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_feature_layer_list_full_strategy_and_v4_sharded_layout(hf, tiny_llava, tmp_path):
+    """A variant with vision_feature_layer=[-2, -1] and 'full' (keeps CLS), stored in the
+    hub layout across two shards, still equals transformers."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    processor, _ = hf
+    config = LlavaConfig.from_pretrained(str(tiny_llava))
+    config.vision_feature_layer = [-2, -1]
+    config.vision_feature_select_strategy = "full"
+    torch.manual_seed(1)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(tmp_path / "v5")
+    for f in ("processor_config.json",):
+        shutil.copy(tiny_llava / f, tmp_path / "v5" / f)
+    _v4_sharded_copy(tmp_path / "v5", tmp_path / "v4")
+    ckpt = Checkpoint.open(tmp_path / "v4")
+    assert any(k.startswith("vision_tower.vision_model.") for keys in ckpt.files.values() for k in keys)
+
+    ours = load_vision_model(ckpt, CPU, torch.float32)
+    images = [Image.fromarray(noise(20 + i, 33, 47)) for i in range(2)]
+    refs = hf_features(model, processor(images, return_tensors="pt")["pixel_values"])
+    for emb, ref in zip(ours.encode([ours.prepare(im, {}) for im in images]), refs):
+        assert emb.rows == 17  # 16 patches + CLS
+        assert_close_with_margin(emb.embedding, ref)
+
+
+# ---- engine --------------------------------------------------------------------------
+
+def test_batches_across_callers_and_bad_image_fails_only_its_caller(tiny_llava):
+    inputs = [image_input(png(Image.fromarray(noise(30 + i, 36 + i, 41)))) for i in range(9)]
+    corrupt = common_pb2.ImageInput(data=b"\x89PNG\r\n\x1a\n broken")
+
+    async def run():
+        engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=4, batch_window_ms=300, device="cpu"))
+        try:
+            model = engine.model  # unbatched reference: one forward per image
+            alone = [model.encode([model.prepare(decode_image(i.data), {})])[0] for i in inputs]
+            results = await asyncio.gather(*(engine.encode([i]) for i in inputs), engine.encode([inputs[0], corrupt]),
+                                           return_exceptions=True)
+            return alone, results, engine.info(), dict(engine.batch_sizes)
+        finally:
+            engine.close()
+
+    alone, results, info, sizes = asyncio.run(run())
+    assert isinstance(results[-1], ValueError) and "image 1: cannot decode image" in str(results[-1])
+    assert max(sizes) > 1 and max(sizes) <= 4
+    assert info.images_encoded == 9 and info.batches_run == sum(sizes.values())
+    assert (info.architecture, info.hidden_size, info.dtype, info.device) == ("LlavaForConditionalGeneration", 64,
+                                                                              "float32", "cpu")
+    for (batched,), single in zip(results[:-1], alone):
+        assert batched.embedding.device == CPU and batched.embedding.dtype == torch.float32
+        torch.testing.assert_close(batched.embedding, single.embedding, rtol=0, atol=1e-5)
+
+
+def test_cancelled_caller_is_dropped_from_the_queue(tiny_llava):
+    a, b, c = (image_input(png(Image.fromarray(noise(40 + i, 32, 32)))) for i in range(3))
+
+    async def run():
+        engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=2, batch_window_ms=5000, device="cpu"))
+        try:
+            waiting = asyncio.create_task(engine.encode([a]))  # waits for a second image
+            await asyncio.sleep(0.2)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            out = await asyncio.gather(engine.encode([b]), engine.encode([c]))  # fills a batch of 2
+            return out, engine.info(), dict(engine.batch_sizes)
+        finally:
+            engine.close()
+
+    out, info, sizes = asyncio.run(run())
+    assert len(out) == 2 and info.images_encoded == 2 and sizes == {2: 1}
+
+
+def test_engine_rejects_sha256_mismatch_and_closed_use(tiny_llava):
+    data = png(Image.fromarray(noise(50, 32, 32)))
+
+    async def run():
+        engine = VisionEngine(str(tiny_llava), VisionConfig(device="cpu"))
+        with pytest.raises(ValueError, match="image 0: sha256 does not match"):
+            await engine.encode([common_pb2.ImageInput(data=data, sha256="00" * 32)])
+        engine.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await engine.encode([image_input(data)])
+
+    asyncio.run(run())
+
+
+# ---- wire + gRPC ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_chunks_reassemble_exactly(dtype):
+    emb = torch.randn(37, 24, generator=torch.Generator().manual_seed(0)).to(dtype)
+    chunks = list(to_chunks(1, ImageEmbedding(emb, (1, 4, 6)), chunk_bytes=5 * 24 * emb.element_size()))
+    assert len(chunks) == 8 and all(len(c.data) % (24 * emb.element_size()) == 0 for c in chunks)
+    assembler = EmbeddingAssembler(2)
+    for chunk in reversed(chunks):
+        assembler.add(chunk)
+    for chunk in to_chunks(0, ImageEmbedding(emb[:0])):
+        assembler.add(chunk)
+    empty, out = assembler.finish()
+    assert out.embedding.dtype == dtype and torch.equal(out.embedding, emb) and out.grid_thw == (1, 4, 6)
+    assert empty.rows == 0
+    broken = EmbeddingAssembler(2)
+    broken.add(chunks[0])
+    broken.add(next(to_chunks(0, ImageEmbedding(emb[:0]))))
+    with pytest.raises(RuntimeError, match="incomplete"):
+        broken.finish()
+
+
+def test_grpc_round_trip(tiny_llava):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos import vision_pb2, vision_pb2_grpc
+    from protos.serving import channel
+    from vision_service.client import VisionClient
+    from vision_service.server import serve
+
+    inputs = [image_input(png(Image.fromarray(noise(60 + i, 45, 38)))) for i in range(3)]
+    config = VisionConfig(max_batch_size=1, device="cpu")
+
+    async def health(target):
+        async with channel(target) as ch:
+            return (await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())).status
+
+    async def run():
+        engine = VisionEngine(str(tiny_llava), config)
+        local = await engine.encode(inputs)
+        engine.close()
+        port: asyncio.Future = asyncio.get_running_loop().create_future()
+        server = asyncio.create_task(serve(str(tiny_llava), config, "127.0.0.1:0", on_started=port.set_result))
+        await asyncio.wait({server, port}, return_when=asyncio.FIRST_COMPLETED)
+        target = f"127.0.0.1:{port.result()}"
+        client = VisionClient(target)
+        try:
+            assert await health(target) == health_pb2.HealthCheckResponse.SERVING
+            remote = await client.encode(inputs)
+            with pytest.raises(ValueError, match="image 1: cannot decode image"):
+                await client.encode([inputs[0], common_pb2.ImageInput(data=b"junk")])
+            async with channel(target) as ch:  # the raw status code, as other languages see it
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for _ in vision_pb2_grpc.VisionServiceStub(ch).Encode(
+                            vision_pb2.EncodeRequest(images=[common_pb2.ImageInput(data=b"junk")])):
+                        pass
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(TimeoutError):
+                await client.encode(inputs, timeout=1e-6)
+            assert await health(target) == health_pb2.HealthCheckResponse.SERVING
+            again = await client.encode(inputs[:1])
+            info = await client.info()
+        finally:
+            await client.close()
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
+        return local, remote, again, info
+
+    local, remote, again, info = asyncio.run(run())
+    for ours, theirs in zip(remote, local):
+        assert ours.embedding.dtype == torch.float32 and torch.equal(ours.embedding, theirs.embedding)
+    assert torch.equal(again[0].embedding, local[0].embedding)
+    assert info.architecture == "LlavaForConditionalGeneration" and info.images_encoded >= 4

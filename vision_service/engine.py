@@ -1,0 +1,223 @@
+"""The local vision engine: decode + preprocess on a thread pool, then a dynamic
+batcher whose single worker thread owns the model.
+
+Callers from any asyncio loop enqueue prepared images; the worker takes up to
+`max_batch_size` tiles across *all* pending callers, waiting at most
+`batch_window_ms` after the oldest queued image for more, runs one forward and
+resolves each caller's futures on that caller's loop. Bad images are caught while
+preparing, so they fail only their own caller and never reach a batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from protos import common_pb2, vision_pb2
+from vision_service.checkpoint import Checkpoint
+from vision_service.config import VisionConfig
+from vision_service.models import PreparedImage, load_vision_model
+from vision_service.preprocess import decode_image
+from vision_service.types import ImageEmbedding
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """config.device, or cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid vision device {name!r}: {e}") from None
+
+
+def resolve_dtype(name: str, ckpt_config: dict, device: torch.device) -> torch.dtype:
+    """"auto" is float32 on CPU and the checkpoint's dtype (float16 if unstated) elsewhere."""
+    if name != "auto":
+        if name not in _DTYPES:
+            raise ValueError(f"vision dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    stated = ckpt_config.get("dtype") or ckpt_config.get("torch_dtype")
+    if stated is None:
+        stated = (ckpt_config.get("text_config") or {}).get("torch_dtype")
+    return _DTYPES.get(str(stated), torch.float16)
+
+
+@dataclass
+class _Work:
+    """One image waiting for the worker, and where its result goes."""
+
+    image: PreparedImage
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def _settle(future: asyncio.Future, result: ImageEmbedding | None, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class VisionEngine:
+    """Implements `VisionEncoder` in-process. Embeddings come back on CPU in the model dtype."""
+
+    def __init__(self, model_path: str, config: VisionConfig | None = None):
+        self.model_path = str(model_path)
+        self.config = config or VisionConfig()
+        ckpt = Checkpoint.open(model_path)
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, ckpt.config, self.device)
+        self.model = load_vision_model(ckpt, self.device, self.dtype)
+        self.images_encoded = 0
+        self.batches_run = 0
+        self.batch_sizes: Counter[int] = Counter()  # images per forward -> forwards run
+        self._pending: deque[_Work] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._prep = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vision-prep")
+        self._worker = threading.Thread(target=self._run, name="vision-worker", daemon=True)
+        self._worker.start()
+        logger.info("vision engine: %s (%s) on %s in %s, max_batch_size=%d",
+                    self.model_path, self.model.architecture, self.device, self.dtype, self.config.max_batch_size)
+
+    async def encode(self, images: Sequence[common_pb2.ImageInput]) -> list[ImageEmbedding]:
+        """Embeddings in the order of `images`; ValueError names the first bad image."""
+        if self._closed:
+            raise RuntimeError("vision engine is closed")
+        if not images:
+            return []
+        loop = asyncio.get_running_loop()
+        prepared = await asyncio.gather(
+            *(loop.run_in_executor(self._prep, self._prepare, i, img) for i, img in enumerate(images)),
+            return_exceptions=True,
+        )
+        for p in prepared:
+            if isinstance(p, BaseException):
+                raise p
+        futures = [loop.create_future() for _ in prepared]
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("vision engine is closed")
+            self._pending.extend(_Work(p, f, loop) for p, f in zip(prepared, futures))
+            self._cond.notify()
+        # Cancelling this call cancels the futures; the worker then skips them.
+        return list(await asyncio.gather(*futures))
+
+    def info(self) -> vision_pb2.VisionInfo:
+        with self._cond:
+            encoded, batches = self.images_encoded, self.batches_run
+        return vision_pb2.VisionInfo(
+            model=self.model_path,
+            architecture=self.model.architecture,
+            hidden_size=self.model.hidden_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device=str(self.device),
+            max_batch_size=self.config.max_batch_size,
+            images_encoded=encoded,
+            batches_run=batches,
+        )
+
+    def close(self) -> None:
+        """Stop the worker (after its current forward); queued images fail with RuntimeError."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            leftover = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for work in leftover:
+            self._resolve(work, None, RuntimeError("vision engine closed"))
+        self._worker.join()
+        self._prep.shutdown(wait=False, cancel_futures=True)
+        logger.info("vision engine closed: %d images in %d batches, batch sizes %s",
+                    self.images_encoded, self.batches_run, dict(sorted(self.batch_sizes.items())))
+
+    def _prepare(self, index: int, item: common_pb2.ImageInput) -> PreparedImage:
+        """Verify, decode and preprocess one image (runs on the prep pool)."""
+        try:
+            data = item.data
+            if item.sha256 and hashlib.sha256(data).hexdigest() != item.sha256.lower():
+                raise ValueError("sha256 does not match the image bytes")
+            return self.model.prepare(decode_image(data), dict(item.options))
+        except ValueError as e:
+            raise ValueError(f"image {index}: {e}") from None
+
+    def _next_batch(self) -> list[_Work] | None:
+        """Block until there is work; None once closed."""
+        cap = self.config.max_batch_size
+        window = self.config.batch_window_ms / 1000.0
+        with self._cond:
+            while True:
+                while self._pending and self._pending[0].future.cancelled():
+                    self._pending.popleft()
+                if self._closed:
+                    return None
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                queued = sum(w.image.tiles for w in self._pending if not w.future.cancelled())
+                left = self._pending[0].enqueued + window - time.monotonic()
+                if queued >= cap or left <= 0:
+                    break
+                self._cond.wait(left)
+            batch: list[_Work] = []
+            tiles = 0
+            while self._pending:
+                work = self._pending[0]
+                if work.future.cancelled():
+                    self._pending.popleft()
+                    continue
+                if batch and tiles + work.image.tiles > cap:
+                    break
+                batch.append(self._pending.popleft())
+                tiles += work.image.tiles
+            return batch
+
+    def _run(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
+            try:
+                outputs = self.model.encode([w.image for w in batch])
+                outputs = [ImageEmbedding(o.embedding.to("cpu", copy=True), o.grid_thw) for o in outputs]
+            except Exception as e:  # a failed forward fails its batch, not the worker
+                logger.exception("vision forward of %d images failed", len(batch))
+                for work in batch:
+                    self._resolve(work, None, RuntimeError(f"vision forward failed: {e}"))
+                continue
+            with self._cond:
+                self.images_encoded += len(batch)
+                self.batches_run += 1
+                self.batch_sizes[len(batch)] += 1
+            logger.debug("vision batch of %d images", len(batch))
+            for work, out in zip(batch, outputs):
+                self._resolve(work, out, None)
+
+    @staticmethod
+    def _resolve(work: _Work, result: ImageEmbedding | None, error: BaseException | None) -> None:
+        try:
+            work.loop.call_soon_threadsafe(_settle, work.future, result, error)
+        except RuntimeError:  # the caller's loop is closed: nobody is waiting
+            pass
