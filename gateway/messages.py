@@ -1,0 +1,182 @@
+"""Every prompt form LMDeploy's pipeline accepts → OpenAI messages → an LLM request.
+
+Forms: `str`; `(text, image)`, `(text, [images])`, `(image(s), text)`; one OpenAI
+message list; and a list of any of these, which is a batch (a list whose items are
+all message dicts is one conversation, anything else is a batch). Images are PIL
+images, http(s) / data URLs, local paths / file:// URLs or encoded bytes.
+
+`build_request` renders the template, swaps each IMAGE_TOKEN for the model's image
+token, tokenizes the whole prompt once (so the ids are what the HF processor produces
+before it expands each image token) and splits the ids at the image token into text
+and image segments. It loads images, so call it off the event loop.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image
+
+from gateway.config import GenerationConfig
+from gateway.templates import IMAGE_PART_TYPES, ROLES, ChatTemplate
+from gateway.tokenizer import Tokenizer
+from gateway.vl.constants import IMAGE_TOKEN
+from gateway.vl.image import decode_image, describe, encode_png, read_image_bytes
+from protos import common_pb2, llm_pb2
+
+_URL_PREFIXES = ("http://", "https://", "data:", "file://")
+_LOADERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prism-image")
+
+
+def _is_image(x) -> bool:
+    return isinstance(x, (Image.Image, bytes)) or (isinstance(x, str) and x.startswith(_URL_PREFIXES))
+
+
+def _image_part(source, options: dict | None = None) -> dict:
+    if not isinstance(source, (str, os.PathLike, bytes, Image.Image)):
+        raise ValueError(f"an image must be a PIL image, URL, data URL, path or bytes, got {type(source).__name__}")
+    return {"type": "image_url", "image_url": {"url": source, **(options or {})}}
+
+
+def _from_tuple(prompt: tuple) -> list[dict]:
+    if len(prompt) != 2:
+        raise ValueError(f"a tuple prompt is (text, image(s)) or (image(s), text), got {len(prompt)} items")
+    first, second = prompt
+    if isinstance(first, str) and not _is_image(first):
+        text, images = first, second
+    elif isinstance(second, str):
+        images, text = first, second
+    else:
+        raise ValueError("a tuple prompt needs a text item: (text, image(s)) or (image(s), text)")
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    content = [{"type": "text", "text": text}] + [_image_part(image) for image in images]
+    return [{"role": "user", "content": content}]
+
+
+def _normalize_part(part) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict) or "type" not in part:
+        raise ValueError(f"a content part must be a dict with a 'type', got {part!r:.80}")
+    kind = part["type"]
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise ValueError("a text part needs a 'text' string")
+        return {"type": "text", "text": part["text"]}
+    if kind not in IMAGE_PART_TYPES:
+        raise ValueError(f"unsupported content part type {kind!r}; expected 'text' or one of {IMAGE_PART_TYPES}")
+    body = part.get(kind)
+    if kind == "image" and body is None:  # {'type': 'image', 'image': ...} or {'type': 'image', 'url': ...}
+        body = {k: v for k, v in part.items() if k != "type"}
+    if isinstance(body, dict):
+        body = dict(body)
+        source = body.pop("url", None) if kind != "image_data" else body.pop("data", None)
+        if source is None:
+            source = body.pop("image", None)
+        if source is None:
+            raise ValueError(f"the {kind!r} part has no image ('url' or 'data')")
+        return _image_part(source, body)
+    return _image_part(body)
+
+
+def _normalize_message(message) -> dict:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise ValueError(f"a message must be a dict with 'role' and 'content', got {message!r:.80}")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise ValueError(f"unsupported role {role!r}; expected one of {ROLES}")
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, (list, tuple)):
+        raise ValueError(f"message content must be a str or a list of parts, got {type(content).__name__}")
+    return {"role": role, "content": [_normalize_part(p) for p in content]}
+
+
+def normalize_messages(prompt) -> list[dict]:
+    """One prompt (not a batch) → OpenAI messages with canonical parts: text parts and
+    {'type': 'image_url', 'image_url': {'url': source, **options}}."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, tuple):
+        return _from_tuple(prompt)
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        return [_normalize_message(m) for m in prompt]
+    raise ValueError(f"unsupported prompt {prompt!r:.80}: use a str, a (text, image) tuple or OpenAI messages")
+
+
+def normalize_prompts(prompts) -> tuple[list[list[dict]], bool]:
+    """(conversations, is_batch) for anything the pipeline accepts."""
+    if isinstance(prompts, list):
+        if not prompts:
+            raise ValueError("empty prompt list")
+        if all(isinstance(p, dict) for p in prompts):
+            return [normalize_messages(prompts)], False
+        if any(isinstance(p, dict) for p in prompts):
+            raise ValueError("a prompt list mixes message dicts with other prompts")
+        return [normalize_messages(p) for p in prompts], True
+    return [normalize_messages(prompts)], False
+
+
+def image_parts(messages: list[dict]) -> list[dict]:
+    """The image parts in prompt order (messages, then parts) — the IMAGE_TOKEN order."""
+    return [p for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] in IMAGE_PART_TYPES]
+
+
+def encode_image(source) -> common_pb2.ImageInput:
+    """Encoded bytes (the original file for URLs, data URLs and paths; PNG for PIL) and
+    their sha256. The bytes are decoded once here so a bad image fails in the gateway."""
+    if isinstance(source, Image.Image):
+        data = encode_png(source)
+    else:
+        data = source if isinstance(source, bytes) else read_image_bytes(source)
+        decode_image(data, describe(source))
+    return common_pb2.ImageInput(data=data, sha256=hashlib.sha256(data).hexdigest())
+
+
+def _options(part: dict) -> dict[str, str]:
+    return {str(k): str(v) for k, v in part["image_url"].items() if k != "url"}
+
+
+def load_images(parts: list[dict]) -> list[common_pb2.ImageInput]:
+    """Fetch / encode the images concurrently (URLs may be slow)."""
+    images = list(_LOADERS.map(lambda p: encode_image(p["image_url"]["url"]), parts))
+    for image, part in zip(images, parts):
+        image.options.update(_options(part))
+    return images
+
+
+def build_request(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
+                  gen_config: GenerationConfig | None = None, request_id: str | None = None) -> llm_pb2.GenerateRequest:
+    """Render, tokenize and segment one conversation (already normalized)."""
+    gen_config = gen_config or GenerationConfig()
+    sampling = gen_config.to_sampling_params(tokenizer, template.stop_words or [])
+    prompt = template.messages2prompt(messages)
+    parts = image_parts(messages)
+    if prompt.count(IMAGE_TOKEN) != len(parts):
+        raise ValueError(f"the rendered prompt has {prompt.count(IMAGE_TOKEN)} image placeholders "
+                         f"for {len(parts)} image(s)")
+    if parts and tokenizer.image_token_id is None:
+        raise ValueError("this model has no image token: it cannot take images")
+    if parts:
+        prompt = prompt.replace(IMAGE_TOKEN, tokenizer.image_token)
+    ids = tokenizer.encode_prompt(prompt)
+    image_id = tokenizer.image_token_id
+    if image_id is not None and ids.count(image_id) != len(parts):
+        raise ValueError(f"the prompt text contains the model's image token {tokenizer.image_token!r}; "
+                         f"mark images with {IMAGE_TOKEN} or image parts instead")
+    images = iter(load_images(parts))
+    request = llm_pb2.GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=sampling)
+    text: list[int] = []
+    for token_id in ids:
+        if token_id == image_id:
+            if text:
+                request.segments.add().text.token_ids.extend(text)
+                text = []
+            request.segments.add().image.image.CopyFrom(next(images))
+        else:
+            text.append(token_id)
+    if text:
+        request.segments.add().text.token_ids.extend(text)
+    return request

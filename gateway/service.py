@@ -1,0 +1,139 @@
+"""The gateway's core: messages in, streamed Responses out, over any LLM backend.
+
+`llm` is anything with `generate(GenerateRequest) -> AsyncIterator[GenerateResponse]`
+and `async info() -> LLMInfo`: the embedded engine or the gRPC client. Each chunk
+carries new token ids (and logits rows when asked); the last one carries the finish
+reason and usage. The service hides the stop token (LMDeploy returns neither its id
+nor its logits unless include_stop_str_in_output), detokenizes incrementally, applies
+string stop words, and closes the LLM stream as soon as it stops early or its
+consumer goes away, which makes the LLM tier abort the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import uuid
+from typing import AsyncIterator
+
+import numpy as np
+
+from gateway.config import GenerationConfig, Response
+from gateway.detokenize import IncrementalDetokenizer, StopStrings
+from gateway.messages import build_request
+from gateway.templates import ChatTemplate, ChatTemplateConfig, StringTemplate, get_template, resolve_template
+from gateway.tokenizer import Tokenizer
+from protos import common_pb2, llm_pb2
+
+RAW_TEMPLATE = StringTemplate(name="raw", capability="completion")  # do_preprocess=False
+
+
+def logits_to_numpy(tensor: common_pb2.Tensor, rows: int) -> np.ndarray | None:
+    """A float32 [rows, vocab] Tensor message → a numpy array (None when empty)."""
+    if not tensor.data or rows == 0:
+        return None
+    if tensor.dtype != "float32":
+        raise RuntimeError(f"the LLM sent logits as {tensor.dtype!r}, expected float32")
+    return np.frombuffer(tensor.data, dtype="<f4").reshape(rows, -1).copy()
+
+
+async def maybe_await(value):
+    """For collaborator APIs that may be sync or async (close(), generate())."""
+    return await value if inspect.isawaitable(value) else value
+
+
+async def _close(stream) -> None:
+    """Close an LLM stream early (async generator or gRPC call)."""
+    if hasattr(stream, "aclose"):
+        await stream.aclose()
+    elif hasattr(stream, "cancel"):
+        stream.cancel()
+
+
+class ChatService:
+    def __init__(self, model_path: str, llm, chat_template_config: ChatTemplateConfig | None = None):
+        self.model_path = str(model_path)
+        self.llm = llm
+        self.tokenizer = Tokenizer(model_path)
+        self.template = resolve_template(self.model_path, chat_template_config)
+
+    async def info(self) -> llm_pb2.LLMInfo:
+        return await self.llm.info()
+
+    def _template(self, override: ChatTemplateConfig | None, do_preprocess: bool) -> ChatTemplate:
+        if not do_preprocess:
+            return RAW_TEMPLATE
+        return self.template if override is None else get_template(override, self.model_path)
+
+    async def stream(self, messages: list[dict], gen_config: GenerationConfig | None = None,
+                     template_override: ChatTemplateConfig | None = None, index: int = 0,
+                     do_preprocess: bool = True, request_id: str | None = None) -> AsyncIterator[Response]:
+        """Delta Responses for one normalized conversation: new text and ids each,
+        the running generate_token_len, and the finish reason on the last one."""
+        gen_config = gen_config or GenerationConfig()
+        template = self._template(template_override, do_preprocess)
+        request = await asyncio.to_thread(build_request, messages, template, self.tokenizer, gen_config,
+                                          request_id or uuid.uuid4().hex)
+        stop_ids = set(request.sampling.stop_token_ids)
+        if not gen_config.ignore_eos:
+            stop_ids.update(self.tokenizer.eos_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, gen_config.skip_special_tokens)
+        stops = StopStrings([*(template.stop_words or []), *(gen_config.stop_words or [])],
+                            gen_config.include_stop_str_in_output)
+        input_len, generated, finish, hit_stop_token = 0, 0, None, False
+        stream = await maybe_await(self.llm.generate(request))
+        try:
+            async for chunk in stream:
+                if chunk.HasField("usage"):
+                    input_len = chunk.usage.input_tokens
+                ids, logits, text = [], None, ""
+                if not hit_stop_token:  # ids after a stop token are not output
+                    ids = list(chunk.token_ids)
+                    logits = logits_to_numpy(chunk.logits, len(ids)) if chunk.HasField("logits") else None
+                    at = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+                    if at is None:
+                        text = detok.step(ids)
+                    else:
+                        hit_stop_token, finish = True, "stop"
+                        text = detok.step(ids[:at]) + detok.finish()
+                        keep = at
+                        if gen_config.include_stop_str_in_output:
+                            text += self.tokenizer.decode(ids[at:at + 1], skip_special_tokens=False)
+                            keep += 1
+                        ids = ids[:keep]
+                        logits = logits[:keep] if logits is not None else None
+                text = stops.feed(text)
+                ended = stops.stopped or bool(chunk.finish_reason)
+                if ended:
+                    finish = "stop" if stops.stopped else finish or chunk.finish_reason
+                    text += stops.feed(detok.finish()) + stops.flush()
+                generated += len(ids)
+                if ids or text or ended:
+                    yield Response(text=text, generate_token_len=generated, input_token_len=input_len,
+                                   finish_reason=finish if ended else None, token_ids=ids, logits=logits, index=index)
+                if ended:
+                    return
+            raise RuntimeError("the LLM stream ended without a finish reason")
+        finally:
+            await _close(stream)
+
+    async def chat(self, messages: list[dict], gen_config: GenerationConfig | None = None,
+                   template_override: ChatTemplateConfig | None = None, index: int = 0,
+                   do_preprocess: bool = True, request_id: str | None = None) -> Response:
+        """The whole Response: joined text, ids and logits of every delta."""
+        return await collect(self.stream(messages, gen_config, template_override, index, do_preprocess, request_id))
+
+
+async def collect(deltas: AsyncIterator[Response]) -> Response:
+    """Fold a stream of delta Responses into one."""
+    texts, ids, logits, last = [], [], [], None
+    async for delta in deltas:
+        texts.append(delta.text)
+        ids += delta.token_ids
+        if delta.logits is not None:
+            logits.append(delta.logits)
+        last = delta
+    if last is None:
+        raise RuntimeError("the generation produced no response")
+    return Response(text="".join(texts), generate_token_len=last.generate_token_len,
+                    input_token_len=last.input_token_len, finish_reason=last.finish_reason, token_ids=ids,
+                    logits=np.concatenate(logits) if logits else None, index=last.index)
