@@ -83,8 +83,10 @@ def filter_logits(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     drop = rank >= b.top_k[:, None]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-    drop = (before >= b.top_p[:, None]) & (rank > 0)
+    # transformers' rule: drop tokens whose mass together with all less likely ones is
+    # <= 1 - top_p, summed from the least likely up as it does; top_p = 1 is off
+    tail = probs.flip(-1).cumsum(dim=-1).flip(-1)
+    drop = (tail <= 1 - b.top_p[:, None]) & (rank > 0) & (b.top_p[:, None] < 1)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
     drop = probs < b.min_p[:, None] * probs[:, :1]
