@@ -89,12 +89,17 @@ class GenerationConfig:
             if ids is not None and (not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in ids)):
                 raise ValueError(f"{name} must be a list of non-negative ints, got {ids!r}")
 
+    def template_stop_words(self, template_stop_words) -> list[str]:
+        return [] if self.ignore_eos else list(template_stop_words or [])
+
     def to_sampling_params(self, tokenizer, template_stop_words: list[str] = ()) -> llm_pb2.SamplingParams:
         """What the LLM tier applies. Stop ids: every stop word (the template's and ours)
         that is a single token, plus stop_token_ids; the model's eos is added by the LLM
-        tier unless ignore_eos. Greedy forces top_k=1, temperature=1, repetition_penalty=1
-        as LMDeploy does; temperature 0 also means greedy."""
-        stop_ids = [tokenizer.single_token_id(w) for w in [*template_stop_words, *(self.stop_words or [])]]
+        tier unless ignore_eos, which also drops the template's stop words (they end a
+        turn like eos does); the user's own stops still apply. Greedy forces top_k=1,
+        temperature=1, repetition_penalty=1 as LMDeploy does; temperature 0 means greedy."""
+        words = [*self.template_stop_words(template_stop_words), *(self.stop_words or [])]
+        stop_ids = [tokenizer.single_token_id(w) for w in words]
         stop_ids = [i for i in stop_ids if i is not None] + list(self.stop_token_ids or [])
         bad_ids = list(self.bad_token_ids or [])
         for word in self.bad_words or []:

@@ -14,7 +14,7 @@ from typing import Callable
 import grpc
 
 from gateway.messages import normalize_messages
-from gateway.service import ChatService, collect, maybe_await
+from gateway.service import ChatService, collect
 from gateway.templates import ChatTemplateConfig
 from gateway.wire import gen_config_from_proto, messages_from_proto, response_to_proto, template_from_proto
 from protos import gateway_pb2, gateway_pb2_grpc
@@ -47,8 +47,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield delta
         except ValueError as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        except grpc.aio.AioRpcError as err:  # from the LLM tier
-            await context.abort(err.code(), err.details() or "the LLM tier failed")
+        except Exception as err:  # an LLM tier failure: report it, keep serving
+            logger.exception("request %s failed", request.request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
 
     async def Chat(self, request, context):
         return response_to_proto(await collect(self._deltas(request, context)))
@@ -102,7 +103,7 @@ async def serve(model_path: str, llm_target: str, chat_template_config: ChatTemp
     finally:
         await served.set_serving(False)
         await asyncio.shield(served.server.stop(DRAIN_SECONDS))
-        await maybe_await(llm.close())
+        await llm.aclose()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.remove_signal_handler(sig)

@@ -77,7 +77,7 @@ class ChatService:
         if not gen_config.ignore_eos:
             stop_ids.update(self.tokenizer.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, gen_config.skip_special_tokens)
-        stops = StopStrings([*(template.stop_words or []), *(gen_config.stop_words or [])],
+        stops = StopStrings([*gen_config.template_stop_words(template.stop_words), *(gen_config.stop_words or [])],
                             gen_config.include_stop_str_in_output)
         input_len, generated, finish, hit_stop_token = 0, 0, None, False
         stream = await maybe_await(self.llm.generate(request))
