@@ -34,6 +34,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -88,6 +89,7 @@ class Scheduler:
         return batch, too_big
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.blocks.release(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
