@@ -78,9 +78,18 @@ def assert_close_with_margin(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 # ---- preprocessing -------------------------------------------------------------------
 
+def hf_composites_alpha(processor) -> bool:
+    """transformers 5.23 composites transparency onto white, 5.17 drops the alpha channel:
+    ask the installed one with a fully transparent black image."""
+    clear = processor(Image.new("RGBA", (32, 32), (0, 0, 0, 0)))["pixel_values"][0]
+    white = processor(Image.new("RGB", (32, 32), (255, 255, 255)))["pixel_values"][0]
+    return bool(np.array_equal(clear, white))
+
+
 def test_preprocess_bit_exact_vs_transformers(hf, tiny_llava):
     processor, _ = hf
     cfg = ImageProcessorConfig.from_pretrained(tiny_llava)
+    cfg.composite_alpha = hf_composites_alpha(processor)
     for image in odd_images():
         ref = processor(image)["pixel_values"][0]
         ours = preprocess(image, cfg)
@@ -277,6 +286,8 @@ def test_grpc_round_trip(tiny_llava):
         port: asyncio.Future = asyncio.get_running_loop().create_future()
         server = asyncio.create_task(serve(str(tiny_llava), config, "127.0.0.1:0", on_started=port.set_result))
         await asyncio.wait({server, port}, return_when=asyncio.FIRST_COMPLETED)
+        if server.done():
+            server.result()  # raises why it could not start
         target = f"127.0.0.1:{port.result()}"
         client = VisionClient(target)
         try:

@@ -27,6 +27,7 @@ class ImageProcessorConfig:
     """The image processor settings we honour; defaults are CLIPImageProcessor's."""
 
     do_convert_rgb: bool = True
+    composite_alpha: bool = True  # transparency onto white, as transformers 5.23 does; 5.17 drops alpha
     do_resize: bool = True
     shortest_edge: int | None = 224  # resize the short side to this, keeping the aspect ratio ...
     resize_to: tuple[int, int] | None = None  # ... or to exactly (height, width)
@@ -110,9 +111,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
     return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (as transformers does)."""
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
+def to_rgb(image: Image.Image, composite_alpha: bool = True) -> Image.Image:
+    """RGB; with `composite_alpha`, transparency is composited onto white, else dropped."""
+    if composite_alpha and ("A" in image.getbands() or image.info.get("transparency") is not None):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
@@ -143,7 +144,7 @@ def _center_crop(a: np.ndarray, height: int, width: int) -> np.ndarray:
 def preprocess(image: Image.Image, cfg: ImageProcessorConfig) -> np.ndarray:
     """One image -> float32 pixel values [channels, height, width]."""
     if cfg.do_convert_rgb:
-        image = to_rgb(image)
+        image = to_rgb(image, cfg.composite_alpha)
     elif image.mode != "RGB":
         raise ValueError(f"image mode {image.mode} is not RGB and the processor does not convert")
     if cfg.do_resize:
