@@ -54,7 +54,7 @@ class ChatService:
         self.model_path = str(model_path)
         self.llm = llm
         self.tokenizer = Tokenizer(model_path)
-        self.template = resolve_template(self.model_path, chat_template_config)
+        self.template = resolve_template(self.model_path, chat_template_config, self.tokenizer)
 
     async def info(self) -> llm_pb2.LLMInfo:
         return await self.llm.info()
@@ -62,7 +62,7 @@ class ChatService:
     def _template(self, override: ChatTemplateConfig | None, do_preprocess: bool) -> ChatTemplate:
         if not do_preprocess:
             return RAW_TEMPLATE
-        return self.template if override is None else get_template(override, self.model_path)
+        return self.template if override is None else get_template(override, self.model_path, self.tokenizer)
 
     async def stream(self, messages: list[dict], gen_config: GenerationConfig | None = None,
                      template_override: ChatTemplateConfig | None = None, index: int = 0,

@@ -223,9 +223,11 @@ def best_match(model_path: str) -> str:
                      f"pass chat_template_config=ChatTemplateConfig(model_name=...), one of {list(KNOWN_TEMPLATES)}")
 
 
-def get_template(name_or_config: str | ChatTemplateConfig, model_path: str | None = None) -> ChatTemplate:
+def get_template(name_or_config: str | ChatTemplateConfig, model_path: str | None = None,
+                 tokenizer: Tokenizer | None = None) -> ChatTemplate:
     """A template by name or config (fields override its strings). 'hf' needs the
-    model path to read the checkpoint's chat_template and special tokens."""
+    model path to read the checkpoint's chat_template and special tokens (pass the
+    model's tokenizer when you have it, to not load it again)."""
     config = name_or_config if isinstance(name_or_config, ChatTemplateConfig) else ChatTemplateConfig(name_or_config)
     overrides = config.overrides()
     if config.capability not in (None, "chat", "completion"):
@@ -240,9 +242,10 @@ def get_template(name_or_config: str | ChatTemplateConfig, model_path: str | Non
     source = load_chat_template(model_path) if model_path else None
     if source is None:
         raise ValueError(f"{model_path!r} has no chat_template for the 'hf' template")
-    return JinjaTemplate(source, Tokenizer(model_path), config.stop_words)
+    return JinjaTemplate(source, tokenizer or Tokenizer(model_path), config.stop_words)
 
 
-def resolve_template(model_path: str, config: ChatTemplateConfig | None = None) -> ChatTemplate:
+def resolve_template(model_path: str, config: ChatTemplateConfig | None = None,
+                     tokenizer: Tokenizer | None = None) -> ChatTemplate:
     """The template a model serves with: the explicit config, else best_match."""
-    return get_template(config if config is not None else best_match(model_path), model_path)
+    return get_template(config if config is not None else best_match(model_path), model_path, tokenizer)

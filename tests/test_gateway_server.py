@@ -130,10 +130,7 @@ def test_client_cancel_aborts_the_llm_request(server, stub):
     call = stub.ChatStream(_request(max_new_tokens=500, ignore_eos=True))
     next(call)
     call.cancel()
-    deadline = time.monotonic() + 5
-    while len(server.llm.aborted) == before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert len(server.llm.aborted) == before + 1
+    assert _wait_for(lambda: len(server.llm.aborted) == before + 1)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +170,23 @@ def test_pipeline_batch_stream_and_chat(remote, server):
 
     with pytest.raises(ValueError, match="IMAGE_TOKEN"):  # the server's INVALID_ARGUMENT
         remote(("<IMAGE_TOKEN><IMAGE_TOKEN>", images[0]))
+
+
+def _wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_stream_infer_errors_and_early_exit(remote, server):
+    with pytest.raises(ValueError, match="IMAGE_TOKEN"):
+        list(remote.stream_infer(["fine", ("<IMAGE_TOKEN><IMAGE_TOKEN>", make_image(1))]))
+    before = len(server.llm.aborted)
+    stream = remote.stream_infer("x", gen_config=GenerationConfig(max_new_tokens=500, ignore_eos=True))
+    assert next(stream).index == 0
+    stream.close()  # the consumer walks away: the gateway and the LLM request are cancelled
+    assert _wait_for(lambda: len(server.llm.aborted) > before)
 
 
 def test_server_path_imports_neither_torch_nor_transformers():
