@@ -2,8 +2,9 @@
 
 GenerationConfig travels with do_sample resolved by the sender, so the greedy-unless-
 sampling-params rule gives the same answer on both ends; a client in another language
-that sets top_k but not do_sample gets sampling, as in Python. max_new_tokens=0 on
-the wire means None (generate up to the session length); unset means 512.
+that sets top_k but not do_sample gets sampling, as in Python. Unset max_new_tokens
+means 512; Python's None (up to the session length) travels as INT32_MAX, which the
+LLM tier caps at the session length; 0 is invalid like in Python.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ _SCALARS = ("max_new_tokens", "min_new_tokens", "do_sample", "top_p", "top_k", "
 _LISTS = ("stop_words", "bad_words", "stop_token_ids", "bad_token_ids")
 _TEMPLATE_STRINGS = ("system", "meta_instruction", "eosys", "user", "eoh", "assistant", "eoa", "separator")
 _URL_SCHEMES = ("http://", "https://", "data:")
+_UNLIMITED = 2**31 - 1
 
 
 def gen_config_to_proto(config: GenerationConfig) -> gateway_pb2.GenerationConfig:
@@ -32,7 +34,7 @@ def gen_config_to_proto(config: GenerationConfig) -> gateway_pb2.GenerationConfi
     for name in _SCALARS:
         value = getattr(config, name)
         if name == "max_new_tokens" and value is None:
-            value = 0
+            value = _UNLIMITED
         if value is not None:
             setattr(msg, name, value)
     for name in _LISTS:
@@ -43,8 +45,11 @@ def gen_config_to_proto(config: GenerationConfig) -> gateway_pb2.GenerationConfi
 def gen_config_from_proto(msg: gateway_pb2.GenerationConfig) -> GenerationConfig:
     """Raises ValueError (from GenerationConfig's validation) for bad values."""
     kwargs = {name: getattr(msg, name) for name in _SCALARS if msg.HasField(name)}
-    if kwargs.get("max_new_tokens") == 0:
+    if kwargs.get("max_new_tokens") == _UNLIMITED:
         kwargs["max_new_tokens"] = None
+    for name in ("top_p", "min_p", "temperature", "repetition_penalty"):  # float32 0.800000011920929 -> 0.8
+        if name in kwargs:
+            kwargs[name] = float(str(np.float32(kwargs[name])))
     kwargs.update({name: list(getattr(msg, name)) for name in _LISTS if len(getattr(msg, name))})
     return GenerationConfig(output_logits=msg.output_logits or None, **kwargs)
 

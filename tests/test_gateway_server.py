@@ -251,3 +251,14 @@ def test_serve_waits_for_the_llm_and_drains_on_sigterm(tiny_llava):
             process.kill()
         asyncio.run_coroutine_threadsafe(llm_served.server.stop(None), loop).result()
         loop.call_soon_threadsafe(loop.stop)
+
+
+def test_generation_config_round_trips_over_the_wire():
+    from gateway.wire import gen_config_from_proto, gen_config_to_proto
+
+    for config in (GenerationConfig(), GenerationConfig(max_new_tokens=None, top_k=3, stop_words=["x"], random_seed=9),
+                   GenerationConfig(top_k=40, do_sample=False, output_logits="generation", min_new_tokens=2)):
+        assert gen_config_from_proto(gen_config_to_proto(config)) == config
+    assert gen_config_from_proto(gateway_pb2.GenerationConfig(top_k=40)).do_sample is True  # other languages too
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen_config_from_proto(gateway_pb2.GenerationConfig(max_new_tokens=0))
