@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from gateway.config import GenerationConfig, Response, TurbomindEngineConfig, VisionConfig
 from gateway.messages import normalize_messages, normalize_prompts
-from gateway.service import ChatService, maybe_await
+from gateway.service import ChatService
 from gateway.templates import ChatTemplateConfig
 
 _IGNORED_KWARGS = ("trust_remote_code", "max_log_len")  # LMDeploy options with no meaning here
@@ -84,7 +84,7 @@ class Pipeline:
                  vision_config: VisionConfig | None = None):
         self.model_path = model_path
         self._thread = _LoopThread()
-        self._owned: list = []
+        self._closers: list = []  # what close() must stop, in order
         self._limit = getattr(backend_config, "max_batch_size", None)  # LMDeploy's request limiter
         try:
             self._service = self._thread.run(self._build(backend_config, chat_template_config, vision_config))
@@ -98,16 +98,16 @@ class Pipeline:
             from gateway.client import GatewayClient
 
             client = GatewayClient(self.model_path, chat_template_config)
-            self._owned.append(client)
+            self._closers.append(client.close)
             return client
         from llm_service.engine import AsyncLLMEngine
         from vision_service.engine import VisionEngine
 
         service = ChatService(self.model_path, None, chat_template_config)  # fail fast on the template
         vision = VisionEngine(self.model_path, vision_config or VisionConfig())
-        self._owned.append(vision)
+        self._closers.append(vision.close)
         service.llm = AsyncLLMEngine(self.model_path, backend_config or TurbomindEngineConfig(), vision=vision)
-        self._owned.insert(0, service.llm)
+        self._closers.insert(0, service.llm.close)  # the LLM engine first: it may still call the vision engine
         return service
 
     def _gen_configs(self, gen_config, n: int) -> list[GenerationConfig]:
@@ -208,12 +208,12 @@ class Pipeline:
         """Stop the engines (or close the connection) and the loop thread. Idempotent."""
         if self._thread is None:
             return
-        owned, self._owned = self._owned, []
+        closers, self._closers = self._closers, []
 
         async def close_all():
-            for obj in owned:
-                if hasattr(obj, "close"):
-                    await maybe_await(obj.close())
+            for close in closers:
+                if asyncio.iscoroutine(result := close()):
+                    await result
 
         try:
             self._thread.run(close_all())

@@ -1,7 +1,7 @@
 """The gateway's core: messages in, streamed Responses out, over any LLM backend.
 
-`llm` is anything with `generate(GenerateRequest) -> AsyncIterator[GenerateResponse]`
-and `async info() -> LLMInfo`: the embedded engine or the gRPC client. Each chunk
+`llm` is anything with an async-generator `generate(GenerateRequest)` yielding
+GenerateResponse chunks and `async info() -> LLMInfo`: the embedded engine or the gRPC client. Each chunk
 carries new token ids (and logits rows when asked); the last one carries the finish
 reason and usage. The service hides the stop token (LMDeploy returns neither its id
 nor its logits unless include_stop_str_in_output), detokenizes incrementally, applies
@@ -11,7 +11,6 @@ consumer goes away, which makes the LLM tier abort the request.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import uuid
 from typing import AsyncIterator
 
@@ -34,19 +33,6 @@ def logits_to_numpy(tensor: common_pb2.Tensor, rows: int) -> np.ndarray | None:
     if tensor.dtype != "float32":
         raise RuntimeError(f"the LLM sent logits as {tensor.dtype!r}, expected float32")
     return np.frombuffer(tensor.data, dtype="<f4").reshape(rows, -1).copy()
-
-
-async def maybe_await(value):
-    """For collaborator APIs that may be sync or async (close(), generate())."""
-    return await value if inspect.isawaitable(value) else value
-
-
-async def _close(stream) -> None:
-    """Close an LLM stream early (async generator or gRPC call)."""
-    if hasattr(stream, "aclose"):
-        await stream.aclose()
-    elif hasattr(stream, "cancel"):
-        stream.cancel()
 
 
 class ChatService:
@@ -80,7 +66,7 @@ class ChatService:
         stops = StopStrings([*gen_config.template_stop_words(template.stop_words), *(gen_config.stop_words or [])],
                             gen_config.include_stop_str_in_output)
         input_len, generated, finish, hit_stop_token = 0, 0, None, False
-        stream = await maybe_await(self.llm.generate(request))
+        stream = self.llm.generate(request)
         try:
             async for chunk in stream:
                 if chunk.HasField("usage"):
@@ -114,7 +100,7 @@ class ChatService:
                     return
             raise RuntimeError("the LLM stream ended without a finish reason")
         finally:
-            await _close(stream)
+            await stream.aclose()  # no-op when finished; else the LLM tier aborts the request
 
     async def chat(self, messages: list[dict], gen_config: GenerationConfig | None = None,
                    template_override: ChatTemplateConfig | None = None, index: int = 0,

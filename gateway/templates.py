@@ -9,6 +9,7 @@ placement); the caller swaps IMAGE_TOKEN for the model's image token.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -148,6 +149,11 @@ class _GenerationTag(Extension):
         return nodes.Scope(body, lineno=lineno)
 
 
+def _tojson(value, indent=None, separators=None, sort_keys=False):
+    """transformers' tojson: plain JSON (jinja's own escapes <, > and & for HTML)."""
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 def _raise_exception(message: str):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -164,6 +170,7 @@ class JinjaTemplate(ChatTemplate):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                             extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = _tojson
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(source)

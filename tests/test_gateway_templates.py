@@ -152,3 +152,19 @@ def test_jinja_string_template_gets_placed_text(tmp_path, tiny_llava):
     assert template.stop_words == ["</s>"]
     with pytest.raises(ValueError, match="only accepts stop_words|takes only stop_words"):
         get_template(ChatTemplateConfig(model_name="hf", user="x"), str(folder))
+
+
+def test_jinja_helpers_match_transformers(tmp_path, tiny_llava):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "helpers"
+    shutil.copytree(tiny_llava, folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+        "{{ m['content'] | tojson }}\n{% endfor %}{% if add_generation_prompt %}{{ eos_token }}{% endif %}")
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "<a> & \"é\""}]
+    expected = AutoTokenizer.from_pretrained(str(folder)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert resolve_template(str(folder)).messages2prompt(messages) == expected
