@@ -42,12 +42,10 @@ SESSION_LEN = 2048
 # LMDeploy's llava-v1 template, written out so the transformers side does not depend on Prism's renderer.
 SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
-CORPUS = [
-    SYSTEM, "USER: ASSISTANT: describe this image. What is the woman doing in the picture?",
+CORPUS = [  # the words the tokenizer knows besides its fillers
+    SYSTEM, "USER: ASSISTANT: describe this image. What else can you see in the picture?",
     "The quick brown fox jumps over the lazy dog while a tiger rests in the green grass near the river.",
-    "Please describe the colors, shapes, people, animals and objects you can see, and explain what happens.",
-    "A red car drives along a wet street at night; lights shine on windows, trees, signs and small shops.",
-    "0123456789 ,.;:!?'\"()[]{}<>/\\|-_=+*&^%$#@~` \n\t",
+    " ".join("0123456789,.;:!?'\"()[]{}<>/-_"),
 ]
 TARGETS = {"w1_decode": 190.0, "w1_ceiling": 0.85, "w2_tok_s": 4000.0, "w3_ratio": 5.0, "w4_ratio": 0.95}
 
@@ -154,29 +152,25 @@ class Report:
 
 # ---------------------------------------------------------------- checkpoint
 
-def build_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE trained on a few sentences, widened to llava's ids: filler entries up
-    to 31999 (never produced by encoding), `<image>` = 32000 and `<pad>` = 32001."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def build_tokenizer():
+    """A word-level tokenizer with llava's ids: <unk> <s> </s>, the words of CORPUS, filler words
+    w<i> up to 31999, `<image>` = 32000, `<pad>` = 32001 (the model's 62 extra rows have no token,
+    as in llava-1.5-7b-hf). Word-level so that any generated ids decode to text that encodes back
+    to the same ids, as a real tokenizer mostly does: in W3 the re-sent answer then costs what it
+    costs with a real model, instead of exploding into characters."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    split = pre_tokenizers.Whitespace()
+    words = dict.fromkeys(word for text in CORPUS for word, _ in split.pre_tokenize_str(text))
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", *words])}
+    vocab.update({f"w{i}": i for i in range(len(vocab), IMAGE_TOKEN_ID)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = split
+    tok.add_special_tokens(["<unk>", "<s>", "</s>", "<image>", "<pad>"])  # the last two get 32000, 32001
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    spec = json.loads(tok.to_str())
-    vocab = spec["model"]["vocab"]
-    for i in range(len(vocab), IMAGE_TOKEN_ID):
-        vocab[f"<filler_{i}>"] = i
-    for i, content in ((IMAGE_TOKEN_ID, "<image>"), (PAD_TOKEN_ID, "<pad>")):
-        spec["added_tokens"].append({"id": i, "content": content, "single_word": False, "lstrip": False,
-                                     "rstrip": False, "normalized": False, "special": True})
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                   extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
 
 
 def llava_config(shape: Shape):
@@ -249,19 +243,11 @@ def make_image(seed: int, size: tuple[int, int] = (336, 336)):
 
 
 def make_texts(tokenizer, n: int, n_tokens: int, seed: int) -> list[str]:
-    """n different texts of exactly n_tokens tokens each: whole-word vocabulary entries, joined."""
-    words = []
-    for piece in tokenizer.get_vocab():
-        word = piece[1:]
-        if piece.startswith("\u0120") and word.isalpha() and len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1:
-            words.append(word)
+    """n different texts of n_tokens words, one token each."""
+    words = [w for w in tokenizer.get_vocab() if w.isalnum()]
     rng = np.random.RandomState(seed)
-    texts = []
-    for _ in range(n):
-        chosen: list[str] = []
-        while len(tokenizer.encode(" ".join(chosen), add_special_tokens=False)) < n_tokens:
-            chosen.append(words[rng.randint(len(words))])
-        texts.append(" ".join(chosen))
+    texts = [" ".join(words[i] for i in rng.randint(len(words), size=n_tokens)) for _ in range(n)]
+    assert all(len(tokenizer.encode(t, add_special_tokens=False)) == n_tokens for t in texts)
     return texts
 
 
@@ -508,6 +494,7 @@ def run_split(report: Report, path: Path, args, counts: Counts, inputs: Inputs) 
                     "--enable-prefix-caching"]
         log_dir = args.out / "tiers"  # the tiers' logs come back with the results
         log_dir.mkdir(parents=True, exist_ok=True)
+        free = torch.cuda.mem_get_info()[0] / 1e9 if args.device.startswith("cuda") else None  # leak check
         t0 = time.perf_counter()
         with start_tiers(str(path), vision_args=vision_args, llm_args=llm_args, log_dir=log_dir) as tiers:
             started = time.perf_counter() - t0
@@ -517,7 +504,8 @@ def run_split(report: Report, path: Path, args, counts: Counts, inputs: Inputs) 
             finally:
                 pipe.close()
         embedded = report.get("prism.W2.output_tok_s")
-        result.update(start_s=started, ratio=result["output_tok_s"] / embedded if embedded else math.nan)
+        result.update(start_s=started, gpu_free_GB_before=free,
+                      ratio=result["output_tok_s"] / embedded if embedded else math.nan)
         report.put("prism.W4", result)
 
 
