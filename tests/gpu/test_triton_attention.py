@@ -1,0 +1,87 @@
+"""Triton paged attention on CUDA against a float64 torch reference (skipped without CUDA or triton)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from llm_service.layers.triton_attention import paged_attention, store_kvcache  # noqa: E402
+
+PAGE = 16
+
+
+def _reference(q, k_cache, v_cache, block_tables, cu, seq_lens, scale):
+    out = torch.zeros(q.shape, dtype=torch.float64, device=q.device)
+    group = q.shape[1] // k_cache.shape[2]
+    for b in range(seq_lens.shape[0]):
+        q0, q1, L = int(cu[b]), int(cu[b + 1]), int(seq_lens[b])
+        if L == 0 or q1 == q0:
+            continue
+        pos = torch.arange(L, device=q.device)
+        slots = block_tables[b, pos // PAGE].long() * PAGE + pos % PAGE
+        k = k_cache.flatten(0, 1)[slots].double().repeat_interleave(group, 1)
+        v = v_cache.flatten(0, 1)[slots].double().repeat_interleave(group, 1)
+        s = torch.einsum("qhd,khd->hqk", q[q0:q1].double(), k) * scale
+        qpos = L - (q1 - q0) + torch.arange(q1 - q0, device=q.device)
+        s = s.masked_fill(pos[None, None] > qpos[None, :, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v)
+    return out
+
+
+def _batch(seqs, hq, hkv, d, dtype, width_extra=2):
+    """seqs: (cached prefix, new tokens). K/V of every position are written with store_kvcache."""
+    lens = [c + n for c, n in seqs]
+    nblk = [-(-L // PAGE) for L in lens]
+    num_blocks = sum(nblk) + 2
+    perm = torch.randperm(num_blocks).tolist()
+    bt = torch.full((len(seqs), max(nblk) + width_extra), -1, dtype=torch.int32)
+    for b, n in enumerate(nblk):
+        bt[b, :n] = torch.tensor(perm[:n])
+        perm = perm[n:]
+    k_cache = torch.randn(num_blocks, PAGE, hkv, d, dtype=dtype, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    slots = [int(bt[b, p // PAGE]) * PAGE + p % PAGE for b, L in enumerate(lens) for p in range(L)] + [-1]
+    k = torch.randn(len(slots), hkv, d, dtype=dtype, device="cuda")
+    v = torch.randn_like(k)
+    slot_mapping = torch.tensor(slots, device="cuda")
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    assert torch.equal(k_cache.flatten(0, 1)[slot_mapping[:-1]], k[:-1])
+    assert torch.equal(v_cache.flatten(0, 1)[slot_mapping[:-1]], v[:-1])
+    q = torch.randn(sum(n for _, n in seqs), hq, d, dtype=dtype, device="cuda")
+    cu = torch.tensor([0] + [sum(n for _, n in seqs[: i + 1]) for i in range(len(seqs))], dtype=torch.int32)
+    return q, k_cache, v_cache, bt.cuda(), cu.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+
+def _rel(out, ref):
+    assert torch.isfinite(out).all()
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype,tol", [
+    (32, 32, 128, torch.bfloat16, 1e-2), (28, 4, 128, torch.float16, 2e-3), (4, 2, 16, torch.float32, 1e-5)])
+def test_prefill_with_prefix_and_decode_rows(hq, hkv, d, dtype, tol):
+    seqs = [(0, 37), (48, 20), (100, 1), (256, 70)]
+    q, kc, vc, bt, cu, lens = _batch(seqs, hq, hkv, d, dtype)
+    out = paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=70)
+    assert out.dtype == dtype and _rel(out, _reference(q, kc, vc, bt, cu, lens, d ** -0.5)) < tol
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype,tol", [
+    (32, 32, 128, torch.bfloat16, 1e-2), (8, 2, 64, torch.bfloat16, 1e-2), (4, 2, 16, torch.float32, 1e-5)])
+def test_decode_with_padding_in_cuda_graph(hq, hkv, d, dtype, tol):
+    lengths = [1, 17, 64, 300, 1500, 1, 900, 2]
+    q, kc, vc, bt, cu, lens = _batch([(L - 1, 1) for L in lengths], hq, hkv, d, dtype)
+    lens[[1, 5]] = 0  # CUDA-graph padding rows: no keys, zero output
+    paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=1)
+    q.copy_(torch.randn_like(q))
+    lens[3] = 299
+    graph.replay()
+    torch.cuda.synchronize()
+    assert _rel(out, _reference(q, kc, vc, bt, cu, lens, d ** -0.5)) < tol
+    assert (out[[1, 5]] == 0).all()
