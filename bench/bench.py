@@ -138,7 +138,9 @@ class Report:
             yield
         except Exception as e:  # noqa: BLE001  (one failed stage must not lose the others)
             traceback.print_exc()
-            self.put(path, {"error": f"failed: {type(e).__name__}: {e}".splitlines()[0][:200]})
+            error = f"failed: {type(e).__name__}: {e}".splitlines()[0][:200]
+            self.put(path, {"error": error})
+            self.data.setdefault("errors", {})[path] = error
         finally:
             seconds = round(time.perf_counter() - t0, 1)
             self.data["stage_seconds"][path] = seconds
@@ -762,6 +764,7 @@ def render(data: dict) -> str:
     lines += ["", f"transformers W2 is one batch of {hf_bs or '?'} of the W2 requests; Prism's W2/W4 are all "
               f"{w2.get('tokens', '?')} output tokens of the whole workload, submitted at once.",
               "stage seconds: " + ", ".join(f"{k} {v}" for k, v in data.get("stage_seconds", {}).items())]
+    lines += [f"- {stage} {error}" for stage, error in data.get("errors", {}).items()]
     return "\n".join(lines) + "\n"
 
 
