@@ -104,6 +104,7 @@ class ModelRunner:
             block_tables=put(tables, torch.int32),
             cu_seqlens_q=put(cu, torch.int32),
             seq_lens=put(seq_lens, torch.int32),
+            max_q_len=max(item.num_tokens for item in batch),
         )
         mask_t = rows_t = None
         if image_rows:

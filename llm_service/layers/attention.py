@@ -41,7 +41,9 @@ def paged_attention(
     cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    max_q_len: int | None = None,
 ) -> torch.Tensor:
+    """max_q_len is a launch hint for the kernels; this reference does not need it."""
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
     out = torch.empty_like(q)
@@ -67,6 +69,8 @@ def _kernels():
         from llm_service.layers import triton_attention as ta
     except ImportError:
         return None
+    if not getattr(ta, "AVAILABLE", False):  # the module imports without triton; its kernels don't run
+        return None
     return ta.store_kvcache, ta.paged_attention
 
 
@@ -78,6 +82,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [B, max_blocks]
     cu_seqlens_q: torch.Tensor  # int32 [B + 1]
     seq_lens: torch.Tensor  # int32 [B]
+    max_q_len: int  # longest query of the batch (1: a pure decode step)
 
 
 class Attention(nn.Module):
@@ -100,5 +105,6 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.attend(
-            q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale
+            q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
+            max_q_len=meta.max_q_len,
         )
