@@ -48,12 +48,8 @@ class LLMEngine:
             self.dtype = _DTYPES[config.dtype]
         else:
             self.dtype = self.spec.dtype if self.device.type == "cuda" else torch.float32
+        # LMDeploy lets session_len exceed max_position_embeddings; RoPE extends, as in transformers
         self.session_len = config.session_len or self.spec.args.max_position_embeddings
-        if self.session_len > self.spec.args.max_position_embeddings:
-            raise ValueError(
-                f"session_len {self.session_len} exceeds the model's max_position_embeddings "
-                f"{self.spec.args.max_position_embeddings}"
-            )
         self.max_batch_size = config.max_batch_size or (256 if self.device.type == "cuda" else 32)
         self.runner = ModelRunner(self.spec, config, self.dtype, self.device, self.session_len, self.max_batch_size)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)

@@ -29,7 +29,7 @@ class ModelRunner:
     ):
         self.spec, self.dtype, self.device = spec, dtype, device
         self.block_size = config.block_size
-        self.model: LlamaForCausalLM = load_model(spec, dtype, device)
+        self.model: LlamaForCausalLM = load_model(spec, dtype, device, session_len)
         self.attention = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.uses_kernels = device.type == "cuda" and all(a.use_kernels() for a in self.attention)
         self.num_blocks = self._num_blocks(config, session_len, max_batch_size)

@@ -84,10 +84,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, a: LlamaArgs, max_positions: int):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(a.vocab_size, a.hidden_size)
-        self.rotary = RotaryEmbedding(a.head_dim, a.max_position_embeddings, a.rope)
+        self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope)
         self.layers = nn.ModuleList(LlamaDecoderLayer(a) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
@@ -118,10 +118,11 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, a: LlamaArgs, max_positions: int):
+        """max_positions: the longest sequence served (the engine's session_len)."""
         super().__init__()
         self.args = a
-        self.model = LlamaModel(a)
+        self.model = LlamaModel(a, max_positions)
         self.lm_head = ParallelLMHead(a.vocab_size, a.hidden_size)
 
     def forward(

@@ -105,10 +105,10 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
     """Build the model directly in `dtype` on `device` and copy in this rank's weights."""
     with _default_dtype(dtype), torch.device(device):
-        model = LlamaForCausalLM(spec.args)
+        model = LlamaForCausalLM(spec.args, max_positions)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     files = sorted(spec.path.glob("*.safetensors"))
