@@ -109,7 +109,7 @@ class ModelRunner:
         mask_t = rows_t = None
         if image_rows:
             mask_t = put(image_mask, torch.bool)
-            rows_t = torch.cat([r.to(dev) for r in image_rows])
+            rows_t = torch.cat(image_rows).to(dev, non_blocking=True)
         return put(ids, torch.int64), put(positions, torch.int64), meta, mask_t, rows_t, put(logits_rows, torch.int64)
 
     @torch.inference_mode()

@@ -21,9 +21,9 @@ async def embed_images(
     vision: VisionEncoder,
     hidden_size: int,
     dtype: torch.dtype,
-    device: torch.device,
 ) -> list[torch.Tensor]:
-    """Each image's rows [n, hidden] on `device` in `dtype`, in order."""
+    """Each image's rows [n, hidden] in `dtype`, in order. Kept on the CPU: the cache must
+    not eat the GPU memory the KV cache was sized from; rows move over at prefill."""
     found: dict[str, ImageEmbedding] = {}
     missing: dict[str, common_pb2.ImageInput] = {}
     for image, key in zip(images, keys):
@@ -44,7 +44,7 @@ async def embed_images(
             emb = result.embedding
             if emb.dim() != 2 or emb.shape[0] == 0 or emb.shape[1] != hidden_size:
                 raise ValueError(f"image embedding of shape {tuple(emb.shape)} does not fit hidden size {hidden_size}")
-            result = ImageEmbedding(emb.to(device=device, dtype=dtype), result.grid_thw)
+            result = ImageEmbedding(emb.to(device="cpu", dtype=dtype), result.grid_thw)
             cache.put(key, result)
             found[key] = result
     return [found[key].embedding for key in keys]
@@ -71,7 +71,7 @@ async def build_sequence(
         if vision is None:
             raise ValueError("this LLM service has no vision tier; requests with images are not accepted")
         keys = [image_key(image) for image in images]
-        rows = await embed_images(images, keys, cache, vision, spec.args.hidden_size, dtype, device)
+        rows = await embed_images(images, keys, cache, vision, spec.args.hidden_size, dtype)
     token_ids: list[int] = []
     spans: list[ImageSpan] = []
     image_index = 0

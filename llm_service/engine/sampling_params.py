@@ -30,7 +30,7 @@ class SamplingParams:
     def from_proto(cls, p: llm_pb2.SamplingParams, vocab_size: int) -> SamplingParams:
         """Validate and convert; a proto left at its zero values means greedy decoding.
         Raises ValueError naming the offending field."""
-        if p.temperature < 0:
+        if not p.temperature >= 0:  # NaN-safe
             raise ValueError(f"temperature must be >= 0, got {p.temperature}")
         if p.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {p.top_k}")
@@ -41,7 +41,7 @@ class SamplingParams:
         if not 0.0 <= p.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {p.min_p}")
         penalty = p.repetition_penalty or 1.0
-        if penalty <= 0:
+        if not penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {p.repetition_penalty}")
         if p.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {p.max_new_tokens}")

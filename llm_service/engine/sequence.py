@@ -21,7 +21,7 @@ class ImageSpan:
     """An image's rows occupying positions [start, start + rows) of the prompt."""
 
     start: int
-    embedding: torch.Tensor  # [rows, hidden] on the model's device and dtype
+    embedding: torch.Tensor  # [rows, hidden] in the model's dtype, on the CPU
     key: str  # sha256 (+ options): identifies the rows for prefix caching
 
     @property
