@@ -1,0 +1,1 @@
+"""The LLM tier: engine, models, layers, gRPC server and client."""

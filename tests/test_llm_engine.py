@@ -187,7 +187,8 @@ def _engine(path, vision=None, **config):
 
 @pytest.fixture(scope="module")
 def engine(tiny_llava, vision):
-    eng = _engine(tiny_llava, vision, block_size=16)
+    """session_len 512: a request generating to the end takes long enough to be cancelled mid-way."""
+    eng = _engine(tiny_llava, vision, block_size=16, session_len=512)
     yield eng
     eng.close()
 
@@ -290,6 +291,29 @@ def test_preemption_by_recompute_when_blocks_run_out(tiny_llava, prompts):
             run(collect(eng, request(prompts["one image"][0].segments)))
         with pytest.raises(ValueError, match="KV cache"):
             run(collect(eng, request([text_seg([5] * 48)])))
+
+        async def close_with_a_request_in_flight():
+            held, gate = threading.Event(), threading.Event()
+            eng._submit(lambda: (held.set(), gate.wait()))  # hold the engine thread: the request stays queued
+            await asyncio.to_thread(held.wait)
+            stream = eng.generate(request(prompts["fox"][0].segments))
+            first = asyncio.ensure_future(stream.__anext__())
+            while eng._inbox.empty():  # the request has been handed to the engine thread
+                await asyncio.sleep(0.01)
+            closer = threading.Thread(target=eng.close)
+            closer.start()
+            while not eng._closed:
+                await asyncio.sleep(0.01)
+            gate.set()
+            chunks = [await first] + [c async for c in stream]
+            await asyncio.to_thread(closer.join)
+            return chunks
+
+        chunks = run(close_with_a_request_in_flight())
+        assert [(c.finish_reason, list(c.token_ids)) for c in chunks] == [("abort", [])]
+        assert eng.engine.blocks.num_free_blocks == eng.engine.blocks.num_blocks
+        with pytest.raises(RuntimeError, match="closed"):
+            run(collect(eng, request(prompts["fox"][0].segments)))
     finally:
         eng.close()
 
@@ -298,7 +322,7 @@ def test_cancel_mid_stream_frees_every_block(engine, prompts):
     prompt, ref = prompts["one image"]
 
     async def close_after_two_chunks():
-        stream = engine.generate(request(prompt.segments, max_new_tokens=100, ignore_eos=True))
+        stream = engine.generate(request(prompt.segments, max_new_tokens=0, ignore_eos=True))
         got = [await stream.__anext__(), await stream.__anext__()]
         busy = await engine.info()
         await stream.aclose()
@@ -313,7 +337,7 @@ def test_cancel_mid_stream_frees_every_block(engine, prompts):
         first = asyncio.Event()
 
         async def consume():
-            async for _ in engine.generate(request(prompt.segments, max_new_tokens=100, ignore_eos=True)):
+            async for _ in engine.generate(request(prompt.segments, max_new_tokens=0, ignore_eos=True)):
                 first.set()
 
         task = asyncio.create_task(consume())
@@ -333,7 +357,7 @@ def test_bad_requests_raise_value_error_before_any_token(engine, prompts):
     cases = {
         "empty": request([]),
         "empty text": request([text_seg([])]),
-        "session_len": request([text_seg([5] * 128)]),
+        "session_len": request([text_seg([5] * 512)]),
         "top_p > 1": request(ok, top_p=1.5),
         "top_p = 0 sampling": request(ok, do_sample=True, top_p=0.0),
         "temperature < 0": request(ok, temperature=-0.5),
@@ -380,7 +404,7 @@ def test_sampling_seed_top_k_and_length_limits(engine, prompts):
     short = run(collect(engine, request(prompt.segments, max_new_tokens=3)))
     assert short.tokens == ref.tokens[:3] and short.finish == "length"
     whole = run(collect(engine, request(prompt.segments, max_new_tokens=0, ignore_eos=True)))
-    assert len(prompt.ids) + len(whole.tokens) == 128 and whole.finish == "length"
+    assert len(prompt.ids) + len(whole.tokens) == 512 and whole.finish == "length"
     assert whole.tokens[:8] == ref.tokens
 
 

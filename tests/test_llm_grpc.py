@@ -17,7 +17,7 @@ from protos.serving import channel, wait_serving
 from tests.test_llm_engine import PARTS, build_prompt, collect, hf_greedy, image_seg, request, run, text_seg
 from vision_service.config import VisionConfig
 
-CONFIG = dict(device="cpu", session_len=128, max_batch_size=4, block_size=16)
+CONFIG = dict(device="cpu", session_len=512, max_batch_size=4, block_size=16)
 
 
 class Servers:
@@ -115,7 +115,7 @@ def test_round_trip_equals_hf(servers, refs):
         assert result.usage.input_tokens == len(prompt.ids)
         assert sum(len(x) for x in result.logits) == len(ref.tokens)
     info = _wait_all_free(target)
-    assert info.architecture == "LlavaForConditionalGeneration" and info.session_len == 128
+    assert info.architecture == "LlavaForConditionalGeneration" and info.session_len == 512
     assert info.total_blocks == info.free_blocks > 0 and 2 in info.eos_token_ids
 
 
@@ -124,7 +124,7 @@ def test_bad_requests_are_invalid_argument(servers, refs):
     ok = refs["fox"][0].segments
     bad = {
         "top_p": request(ok, top_p=1.5),
-        "session_len": request([text_seg([5] * 200)]),
+        "session_len": request([text_seg([5] * 600)]),
         "image bytes": request([text_seg([1]), image_seg(b"\x89PNG not really")]),
     }
 

@@ -68,6 +68,8 @@ class AsyncLLMEngine:
             request, e.spec, self.vision, self.embeddings, e.dtype, e.device, e.session_len,
             e.blocks.num_blocks * e.blocks.block_size,
         )
+        if self._closed:
+            raise RuntimeError("the LLM engine is closed")
         seq.request_id = request.request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._submit(lambda: self._start(seq, stream))
@@ -122,6 +124,13 @@ class AsyncLLMEngine:
         self._closed = True
         self._wake.set()
         self._thread.join()
+        while not self._inbox.empty():  # work submitted while closing: the thread is gone
+            self._inbox.get()()
+        for seq_id in list(self._streams):
+            self._send(seq_id, _Delta(finish_reason="abort"))
+        for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
+            self.engine.abort(seq)
+        self._streams.clear()
 
     # ---- engine thread ----
 
@@ -138,6 +147,7 @@ class AsyncLLMEngine:
         self.engine.abort(seq)
 
     def _run(self) -> None:
+        """The engine thread: run submitted work, step while there is any, else sleep."""
         while True:
             while not self._inbox.empty():
                 self._inbox.get()()
@@ -154,10 +164,6 @@ class AsyncLLMEngine:
                 continue
             for out in outputs:
                 self._deliver(out)
-        for stream_id in list(self._streams):
-            self._send(stream_id, _Delta(finish_reason="abort"))
-        for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
-            self.engine.abort(seq)
 
     def _deliver(self, out: StepOutput) -> None:
         delta = _Delta(finish_reason=out.finish_reason or "")
