@@ -464,3 +464,44 @@ def test_with_the_real_vision_engine(tiny_llava, prompts):
     finally:
         eng.close()
         vision.close()
+
+
+def _relayout(src, dst, rename, config=None) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(src / "model.safetensors"))
+    renamed = {rename(k): v for k, v in tensors.items() if rename(k)}
+    save_file(renamed, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps(config))
+
+
+def test_loader_reads_hub_v5_and_plain_llama_layouts(tiny_llava, tmp_path):
+    from llm_service.models.loader import load_model, read_spec
+
+    def v5(key):  # transformers v5 names: model.language_model.*, lm_head.*, model.vision_tower.*
+        if key.startswith("language_model.model."):
+            return "model.language_model." + key.removeprefix("language_model.model.")
+        if key.startswith("language_model.lm_head."):
+            return key.removeprefix("language_model.")
+        return "model." + key
+
+    def plain(key):  # a text-only Llama: model.*, lm_head.*; no vision weights
+        return key.removeprefix("language_model.") if key.startswith("language_model.") else None
+
+    text_config = json.loads((tiny_llava / "config.json").read_text())["text_config"]
+    _relayout(tiny_llava, tmp_path / "v5", v5)
+    _relayout(tiny_llava, tmp_path / "llama", plain, dict(text_config, architectures=["LlamaForCausalLM"]))
+    _relayout(tiny_llava, tmp_path / "broken", lambda k: None if "layers.1.self_attn.k_proj" in k else k)
+    cpu = torch.device("cpu")
+    hub = load_model(read_spec(tiny_llava), torch.float32, cpu, 64).state_dict()
+    for name in ("v5", "llama"):
+        spec = read_spec(tmp_path / name)
+        other = load_model(spec, torch.float32, cpu, 64).state_dict()
+        assert hub.keys() == other.keys() and all(torch.equal(hub[k], other[k]) for k in hub), name
+    plain_spec = read_spec(tmp_path / "llama")
+    assert plain_spec.architecture == "LlamaForCausalLM" and plain_spec.image_token_id is None
+    assert read_spec(tiny_llava).image_token_id == IMAGE_TOKEN
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.qkv_proj\.weight:k"):
+        load_model(read_spec(tmp_path / "broken"), torch.float32, cpu, 64)

@@ -110,7 +110,7 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_po
     with _default_dtype(dtype), torch.device(device):
         model = LlamaForCausalLM(spec.args, max_positions)
     params = dict(model.named_parameters())
-    loaded: set[str] = set()
+    loaded: set[str] = set()  # parameter names; fused ones as "name:shard"
     files = sorted(spec.path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors weights in {spec.path}")
@@ -118,15 +118,12 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_po
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 name = _our_name(key)
-                if name is None:
-                    continue
-                target = _load_one(model, params, name, f.get_tensor(key))
-                if target is not None:
-                    loaded.add(target)
+                if name is not None:
+                    loaded |= _load_one(model, params, name, f.get_tensor(key))
     if spec.args.tie_word_embeddings and "lm_head.weight" not in loaded:
         model.lm_head.weight_loader(model.lm_head.weight, model.model.embed_tokens.weight.data)
         loaded.add("lm_head.weight")
-    missing = sorted(set(params) - loaded)
+    missing = sorted(_expected(model, params) - loaded)
     if missing:
         raise ValueError(f"checkpoint {spec.path} lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return model.eval()
@@ -139,20 +136,32 @@ def _our_name(key: str) -> str | None:
     return None
 
 
-def _load_one(model: LlamaForCausalLM, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> str | None:
-    """Copy `tensor` into the parameter it belongs to; the parameter's name, or None to skip."""
+def _expected(model: LlamaForCausalLM, params: dict[str, nn.Parameter]) -> set[str]:
+    """Every parameter name, fused ones once per shard, as _load_one reports them."""
+    shards: dict[str, list] = {}
+    for fused, shard_id in model.packed.values():
+        shards.setdefault(fused, []).append(shard_id)
+    out = set()
+    for name in params:
+        fused = next((f for f in shards if f".{f}." in name), None)
+        out |= {f"{name}:{i}" for i in shards[fused]} if fused else {name}
+    return out
+
+
+def _load_one(model: LlamaForCausalLM, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> set[str]:
+    """Copy `tensor` into the parameter it belongs to; what was loaded (empty: skipped)."""
     for part, (fused, shard_id) in model.packed.items():
         if f".{part}." in name:
             target = name.replace(f".{part}.", f".{fused}.")
             param = params[target]
             param.weight_loader(param, tensor, shard_id)
-            return target
+            return {f"{target}:{shard_id}"}
     param = params.get(name)
     if param is None:  # e.g. rotary_emb.inv_freq of old checkpoints
-        return None
+        return set()
     loader = getattr(param, "weight_loader", None)
     if loader is None:
         param.data.copy_(tensor)
     else:
         loader(param, tensor)
-    return name
+    return {name}
