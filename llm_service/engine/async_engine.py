@@ -207,14 +207,14 @@ class AsyncLLMEngine:
         out = llm_pb2.GenerateResponse(token_ids=delta.token_ids, finish_reason=delta.finish_reason)
         if delta.logits:
             out.logits.CopyFrom(_tensor(delta.logits))
-        if delta.finish_reason:
-            out.usage.CopyFrom(
-                llm_pb2.Usage(
-                    input_tokens=seq.num_prompt_tokens,
-                    output_tokens=seq.num_output_tokens,
-                    cached_tokens=seq.num_cached_tokens,
-                )
+        # Usage rides on every chunk (three ints), so a caller that stops early still knows it.
+        out.usage.CopyFrom(
+            llm_pb2.Usage(
+                input_tokens=seq.num_prompt_tokens,
+                output_tokens=seq.num_output_tokens,
+                cached_tokens=seq.num_cached_tokens,
             )
+        )
         return out
 
 
