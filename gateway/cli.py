@@ -61,7 +61,8 @@ async def _serve_all(args) -> None:
         return
     try:
         await serve_gateway(args.model, f"127.0.0.1:{llm_port.result()}", _template_config(args),
-                            bind=f"{args.host}:{args.port}", on_started=_announce("all", args.host))
+                            bind=f"{args.host}:{args.port}", on_started=_announce("all", args.host),
+                            allow_local_files=args.allow_local_files)
     finally:
         llm_task.cancel()
         await asyncio.gather(llm_task, return_exceptions=True)
@@ -84,7 +85,7 @@ def _serve(args) -> None:
         from gateway.server import serve
 
         coro = serve(args.model, args.llm, _template_config(args), bind=f"{args.host}:{args.port}",
-                     on_started=_announce("gateway", args.host))
+                     on_started=_announce("gateway", args.host), allow_local_files=args.allow_local_files)
     else:
         coro = _serve_all(args)
     asyncio.run(coro)
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--vision", default=None, help="llm: vision tier HOST:PORT (default: in-process)")
     serve.add_argument("--llm", default=None, help="gateway: llm tier HOST:PORT")
     serve.add_argument("--chat-template", default=None, help="template name, e.g. llava-v1, vicuna")
+    serve.add_argument("--allow-local-files", action="store_true",
+                       help="gateway: let image URLs name files on the gateway host (off: only http(s)/data)")
     serve.add_argument("--tp", type=int, default=1)
     serve.add_argument("--session-len", type=int, default=None)
     serve.add_argument("--max-batch-size", type=int, default=None)

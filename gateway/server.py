@@ -29,12 +29,13 @@ LLM_WAIT_SECONDS = 900.0  # the LLM tier may still be loading weights
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, service: ChatService, llm_target: str = ""):
+    def __init__(self, service: ChatService, llm_target: str = "", allow_local_files: bool = False):
         self.service = service
         self.llm_target = llm_target
+        self.allow_local_files = allow_local_files
 
     def _parse(self, request: gateway_pb2.ChatRequest):
-        messages = normalize_messages(messages_from_proto(request.messages))
+        messages = normalize_messages(messages_from_proto(request.messages, self.allow_local_files))
         gen_config = gen_config_from_proto(request.gen_config)
         template = template_from_proto(request.chat_template) if request.HasField("chat_template") else None
         return messages, gen_config, template
@@ -70,21 +71,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.ModelsResponse(models=[card])
 
 
-def build_server(service: ChatService, bind: str = "127.0.0.1:0", llm_target: str = "") -> Served:
+def build_server(service: ChatService, bind: str = "127.0.0.1:0", llm_target: str = "",
+                 allow_local_files: bool = False) -> Served:
     """A gateway server (not started; health NOT_SERVING) over `service`."""
     served = make_server([SERVICE_NAME], bind)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(service, llm_target), served.server)
+    servicer = GatewayServicer(service, llm_target, allow_local_files)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, served.server)
     return served
 
 
 async def serve(model_path: str, llm_target: str, chat_template_config: ChatTemplateConfig | None = None,
-                bind: str = "127.0.0.1:0", on_started: Callable[[int], None] | None = None) -> None:
+                bind: str = "127.0.0.1:0", on_started: Callable[[int], None] | None = None,
+                allow_local_files: bool = False) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation): NOT_SERVING while the LLM tier is
     not yet SERVING, SERVING after, NOT_SERVING again while draining."""
     from llm_service.client import LLMClient
 
     llm = LLMClient(llm_target)
-    served = build_server(ChatService(model_path, llm, chat_template_config), bind, llm_target)
+    served = build_server(ChatService(model_path, llm, chat_template_config), bind, llm_target, allow_local_files)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

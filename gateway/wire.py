@@ -99,8 +99,15 @@ def messages_to_proto(messages: list[dict]) -> list[gateway_pb2.Message]:
     return out
 
 
-def messages_from_proto(messages) -> list[dict]:
-    """Protos → OpenAI messages (server side; normalize_messages validates them)."""
+def _is_local(url: str) -> bool:
+    """A file:// URL or a bare path (other schemes fail later with their own message)."""
+    return url.startswith("file:") or "://" not in url and not url.startswith(_URL_SCHEMES)
+
+
+def messages_from_proto(messages, allow_local_files: bool = False) -> list[dict]:
+    """Protos → OpenAI messages (server side; normalize_messages validates them). A URL
+    that is neither http(s) nor data is a path on the gateway host: refused unless the
+    server was started with allow_local_files, so remote callers cannot read its files."""
     out = []
     for msg in messages:
         content = []
@@ -111,6 +118,9 @@ def messages_from_proto(messages) -> list[dict]:
                 source = part.image.url if part.image.WhichOneof("source") == "url" else part.image.data
                 if not source:
                     raise ValueError("an image part has neither a url nor data")
+                if isinstance(source, str) and _is_local(source) and not allow_local_files:
+                    raise ValueError(f"image url {source[:64]!r}: this gateway reads only http(s) and data URLs "
+                                     "(send local files as bytes, or start it with --allow-local-files)")
                 content.append({"type": "image_url", "image_url": {"url": source, **dict(part.image.options)}})
             else:
                 raise ValueError("a content part has neither text nor an image")

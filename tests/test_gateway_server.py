@@ -262,3 +262,15 @@ def test_generation_config_round_trips_over_the_wire():
     assert gen_config_from_proto(gateway_pb2.GenerationConfig(top_k=40)).do_sample is True  # other languages too
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen_config_from_proto(gateway_pb2.GenerationConfig(max_new_tokens=0))
+
+
+def test_local_paths_refused_unless_allowed(tmp_path):
+    from gateway.wire import messages_from_proto
+
+    path = tmp_path / "secret.png"
+    make_image(4).save(path)
+    message = gateway_pb2.Message(role="user")
+    message.content.add(image=gateway_pb2.ImageRef(url=str(path)))
+    with pytest.raises(ValueError, match="allow-local-files"):
+        messages_from_proto([message])
+    assert messages_from_proto([message], allow_local_files=True)[0]["content"][0]["image_url"]["url"] == str(path)
