@@ -130,3 +130,18 @@ def test_python_bad_input_is_value_error(embedded, tiny_llava):
             case()
         assert str(err.value), f"case {i}: empty error message"
     assert embedded(("hi", image), gen_config=GenerationConfig(max_new_tokens=3)).generate_token_len > 0
+
+
+def test_embedded_stream_abandoned_frees_kv_blocks(embedded):
+    engine = embedded._service.llm
+    total = embedded._thread.run(engine.info()).total_blocks
+    stream = embedded.stream_infer(("describe this image", make_image(4)),
+                                   gen_config=GenerationConfig(max_new_tokens=1500, ignore_eos=True))
+    deltas = [next(stream) for _ in range(3)]
+    assert all(d.token_ids for d in deltas)
+    assert embedded._thread.run(engine.info()).free_blocks < total
+    stream.close()  # the consumer walks away mid-stream
+    deadline = time.monotonic() + 10
+    while (info := embedded._thread.run(engine.info())).free_blocks != total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert info.free_blocks == total and info.running == 0
