@@ -16,7 +16,7 @@ fi
 "$PY" -m pip install -q -e '.[test]'
 case "${1:-setup}" in
   demo) exec .venv/bin/prism demo ;;
-  test) shift; exec "$PY" -m pytest -q -p no:cacheprovider tests "$@" ;;
+  test) shift; exec "$PY" -m pytest -q -p no:cacheprovider tests --ignore=tests/gpu "$@" ;;
   setup) ;;
   *) echo "usage: bash scripts/dev.sh [setup|demo|test]" >&2; exit 2 ;;
 esac
