@@ -241,6 +241,30 @@ def test_engine_rejects_sha256_mismatch_and_closed_use(tiny_llava):
     asyncio.run(run())
 
 
+def test_failed_forward_fails_its_batch_not_the_worker(tiny_llava):
+    data = png(Image.fromarray(noise(55, 32, 32)))
+
+    async def run():
+        engine = VisionEngine(str(tiny_llava), VisionConfig(device="cpu"))
+        real, failures = engine.model.encode, [RuntimeError("out of memory")]
+
+        def flaky(batch):
+            if failures:
+                raise failures.pop()
+            return real(batch)
+
+        engine.model.encode = flaky
+        try:
+            with pytest.raises(RuntimeError, match="vision forward failed: out of memory"):
+                await engine.encode([image_input(data)])
+            return await engine.encode([image_input(data)]), engine.info()
+        finally:
+            engine.close()
+
+    out, info = asyncio.run(run())
+    assert out[0].rows == 16 and info.images_encoded == 1
+
+
 # ---- wire + gRPC ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

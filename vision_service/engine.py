@@ -35,13 +35,17 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """config.device, or cuda when available, else cpu."""
+    """config.device, or cuda when available, else cpu; a bare "cuda" gets the current index
+    (the worker thread must select the device by index)."""
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"invalid vision device {name!r}: {e}") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_dtype(name: str, ckpt_config: dict, device: torch.device) -> torch.dtype:
@@ -92,7 +96,7 @@ class VisionEngine:
         self.batch_sizes: Counter[int] = Counter()  # images per forward -> forwards run
         self._pending: deque[_Work] = deque()
         self._cond = threading.Condition()
-        self._closed = False
+        self._closed: str | None = None  # why encode() is refused: closed, or the worker died
         self._prep = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vision-prep")
         self._worker = threading.Thread(target=self._run, name="vision-worker", daemon=True)
         self._worker.start()
@@ -102,7 +106,7 @@ class VisionEngine:
     async def encode(self, images: Sequence[common_pb2.ImageInput]) -> list[ImageEmbedding]:
         """Embeddings in the order of `images`; ValueError names the first bad image."""
         if self._closed:
-            raise RuntimeError("vision engine is closed")
+            raise RuntimeError(f"vision engine {self._closed}")
         if not images:
             return []
         loop = asyncio.get_running_loop()
@@ -116,7 +120,7 @@ class VisionEngine:
         futures = [loop.create_future() for _ in prepared]
         with self._cond:
             if self._closed:
-                raise RuntimeError("vision engine is closed")
+                raise RuntimeError(f"vision engine {self._closed}")
             self._pending.extend(_Work(p, f, loop) for p, f in zip(prepared, futures))
             self._cond.notify()
         # Cancelling this call cancels the futures; the worker then skips them.
@@ -138,19 +142,23 @@ class VisionEngine:
 
     def close(self) -> None:
         """Stop the worker (after its current forward); queued images fail with RuntimeError."""
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            leftover = list(self._pending)
-            self._pending.clear()
-            self._cond.notify_all()
-        for work in leftover:
-            self._resolve(work, None, RuntimeError("vision engine closed"))
+        self._shut("is closed")
         self._worker.join()
         self._prep.shutdown(wait=False, cancel_futures=True)
         logger.info("vision engine closed: %d images in %d batches, batch sizes %s",
                     self.images_encoded, self.batches_run, dict(sorted(self.batch_sizes.items())))
+
+    def _shut(self, reason: str) -> None:
+        """Refuse new work and fail the queued images."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = reason
+            leftover = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        for work in leftover:
+            self._resolve(work, None, RuntimeError(f"vision engine {reason}"))
 
     def _prepare(self, index: int, item: common_pb2.ImageInput) -> PreparedImage:
         """Verify, decode and preprocess one image (runs on the prep pool)."""
@@ -194,26 +202,33 @@ class VisionEngine:
             return batch
 
     def _run(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        while (batch := self._next_batch()) is not None:
-            if not batch:
-                continue
-            try:
-                outputs = self.model.encode([w.image for w in batch])
-                outputs = [ImageEmbedding(o.embedding.to("cpu", copy=True), o.grid_thw) for o in outputs]
-            except Exception as e:  # a failed forward fails its batch, not the worker
-                logger.exception("vision forward of %d images failed", len(batch))
-                for work in batch:
-                    self._resolve(work, None, RuntimeError(f"vision forward failed: {e}"))
-                continue
-            with self._cond:
-                self.images_encoded += len(batch)
-                self.batches_run += 1
-                self.batch_sizes[len(batch)] += 1
-            logger.debug("vision batch of %d images", len(batch))
-            for work, out in zip(batch, outputs):
-                self._resolve(work, out, None)
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            while (batch := self._next_batch()) is not None:
+                if batch:
+                    self._forward(batch)
+        except BaseException as e:  # never leave callers waiting on a dead worker
+            logger.exception("vision worker died")
+            self._shut(f"worker died: {e!r}")
+
+    def _forward(self, batch: list[_Work]) -> None:
+        """One forward; a failure fails this batch's callers, not the worker."""
+        try:
+            outputs = self.model.encode([w.image for w in batch])
+            outputs = [ImageEmbedding(o.embedding.to("cpu", copy=True), o.grid_thw) for o in outputs]
+        except Exception as e:
+            logger.exception("vision forward of %d images failed", len(batch))
+            for work in batch:
+                self._resolve(work, None, RuntimeError(f"vision forward failed: {e}"))
+            return
+        with self._cond:
+            self.images_encoded += len(batch)
+            self.batches_run += 1
+            self.batch_sizes[len(batch)] += 1
+        logger.debug("vision batch of %d images", len(batch))
+        for work, out in zip(batch, outputs):
+            self._resolve(work, out, None)
 
     @staticmethod
     def _resolve(work: _Work, result: ImageEmbedding | None, error: BaseException | None) -> None:
