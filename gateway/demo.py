@@ -35,6 +35,12 @@ def _demo_image(folder: Path) -> None:
     image.save(folder / DEMO_IMAGE)
 
 
+def _show(title: str, response) -> None:
+    text = response.text if len(response.text) <= 160 else response.text[:160] + "..."
+    print(f"\n{title}\n  text={text!r}\n  input_token_len={response.input_token_len} "
+          f"generate_token_len={response.generate_token_len} finish_reason={response.finish_reason!r}")
+
+
 def run_demo(model: str | None = None) -> None:
     from gateway import pipeline
     from gateway.tiers import start_tiers
@@ -53,17 +59,17 @@ def run_demo(model: str | None = None) -> None:
         pipe = pipeline(model)
         image = load_image(url)
         response = pipe(("describe this image", image))
-        print("\n[embedded] pipeline(model):")
-        print(response)
+        _show("[embedded] pipeline(model)(('describe this image', image)):", response)
         pipe.close()
 
         print("\nstarting vision, llm and gateway as separate processes on 127.0.0.1 ...", flush=True)
         with start_tiers(model, log_dir=folder) as tiers:
             remote = pipeline(f"grpc://{tiers.gateway}")
-            response = remote(("describe this image", image))
-            print(f"\n[split] pipeline('grpc://{tiers.gateway}'):")
-            print(response)
+            split = remote(("describe this image", image))
+            _show(f"[split] pipeline('grpc://{tiers.gateway}')(('describe this image', image)):", split)
             remote.close()
+        same = split.token_ids == response.token_ids
+        print(f"\nembedded and split generated the same {len(split.token_ids)} tokens: {same}")
         print("\nservers stopped.")
     finally:
         server.shutdown()
