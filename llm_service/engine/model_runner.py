@@ -11,6 +11,8 @@ import math
 import torch
 
 from llm_service.config import EngineConfig
+from llm_service.engine.cuda_graph import DecodeGraphs, graphs_enabled
+from llm_service.engine.memory_profile import free_memory_after_peak_step
 from llm_service.engine.scheduler import Scheduled
 from llm_service.layers.attention import Attention, AttentionMetadata
 from llm_service.models.llama import LlamaForCausalLM
@@ -38,6 +40,10 @@ class ModelRunner:
         for attn in self.attention:
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        eager = getattr(config, "eager_mode", False)  # PytorchEngineConfig's switch
+        self.graphs: DecodeGraphs | None = None
+        if graphs_enabled(device, self.uses_kernels, eager):
+            self.graphs = DecodeGraphs(self.model, max_batch_size, -(-session_len // self.block_size), device)
 
     def _block_bytes(self) -> int:
         a = self.attention[0]
@@ -46,20 +52,18 @@ class ModelRunner:
 
     def _num_blocks(self, config: EngineConfig, session_len: int, max_batch_size: int) -> int:
         """cache_max_entry_count > 1 is a block count; otherwise a fraction of the budget:
-        on CPU session_len x max_batch_size tokens, on CUDA the memory free after weights
-        (less an estimate of the activations of the largest step)."""
+        on CPU session_len x max_batch_size tokens, on CUDA the memory free after the weights
+        and a warm-up of the largest step (measured, see memory_profile)."""
         if config.cache_max_entry_count > 1:
             return int(config.cache_max_entry_count)
         if self.device.type != "cuda":
             tokens = session_len * max_batch_size * config.cache_max_entry_count
             return max(1, math.ceil(tokens / self.block_size))
-        free, _ = torch.cuda.mem_get_info(self.device)
-        a = self.spec.args
-        width = 6 * a.hidden_size + 3 * a.intermediate_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
-        activations = config.max_prefill_token_num * width * self.dtype.itemsize
-        sampler = 8 * max_batch_size * a.vocab_size * 4  # fp32 logits, sort, noise, ...
-        usable = min(free * config.cache_max_entry_count, free - activations - sampler)
-        num = int(usable // self._block_bytes())
+        free = free_memory_after_peak_step(
+            self.model, self.attention, self.block_size, config.max_prefill_token_num + max_batch_size,
+            max_batch_size, session_len, self.dtype, self.device,
+        )
+        num = int(free * config.cache_max_entry_count // self._block_bytes())
         if num < 1:
             raise RuntimeError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after weights)")
         return num
@@ -70,7 +74,7 @@ class ModelRunner:
         slots: list[int] = []
         cu = [0]
         seq_lens: list[int] = []
-        image_mask: list[bool] = []
+        image_index: list[int] = []  # packed positions the image rows replace
         image_rows: list[torch.Tensor] = []
         logits_rows: list[int] = []
         for item in batch:
@@ -80,13 +84,11 @@ class ModelRunner:
             positions += range(start, end)
             table = seq.block_table
             slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]
-            mask = [False] * item.num_tokens
             for img in seq.images:
                 lo, hi = max(start, img.start), min(end, img.end)
                 if lo < hi:
-                    mask[lo - start : hi - start] = [True] * (hi - lo)
+                    image_index += range(cu[-1] + lo - start, cu[-1] + hi - start)
                     image_rows.append(img.embedding[lo - img.start : hi - img.start])
-            image_mask += mask
             cu.append(cu[-1] + item.num_tokens)
             seq_lens.append(end)
             if item.samples:
@@ -106,15 +108,18 @@ class ModelRunner:
             seq_lens=put(seq_lens, torch.int32),
             max_q_len=max(item.num_tokens for item in batch),
         )
-        mask_t = rows_t = None
+        index_t = rows_t = None
         if image_rows:
-            mask_t = put(image_mask, torch.bool)
-            rows_t = torch.cat(image_rows).to(dev, non_blocking=True)
-        return put(ids, torch.int64), put(positions, torch.int64), meta, mask_t, rows_t, put(logits_rows, torch.int64)
+            index_t = put(image_index, torch.int64)
+            rows_t = torch.cat(image_rows)
+            rows_t = rows_t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else rows_t
+        return put(ids, torch.int64), put(positions, torch.int64), meta, index_t, rows_t, put(logits_rows, torch.int64)
 
     @torch.inference_mode()
     def run(self, batch: list[Scheduled]) -> torch.Tensor:
         """One forward over the batch; float32 logits [n_sampling, vocab], in batch order."""
-        ids, positions, meta, mask, rows, logits_rows = self._prepare(batch)
-        hidden = self.model(ids, positions, meta, mask, rows)
+        ids, positions, meta, image_index, rows, logits_rows = self._prepare(batch)
+        if self.graphs is not None and self.graphs.can_run(ids.shape[0], logits_rows.shape[0], meta, rows is not None):
+            return self.graphs.run(ids, positions, meta)
+        hidden = self.model(ids, positions, meta, image_index, rows)
         return self.model.compute_logits(hidden[logits_rows]).float()

@@ -32,13 +32,22 @@ class SamplingBatch:
 
     @classmethod
     def build(cls, seqs: list[Sequence], eos_ids: list[int], vocab_size: int, device: torch.device) -> SamplingBatch:
+        """Per-row settings travel in one host tensor (plus history and banned ids when used),
+        copied asynchronously: building it overlaps the forward still running on the GPU."""
         ps = [s.params for s in seqs]
-        f32 = dict(dtype=torch.float32, device=device)
+        settings = _to_device(torch.tensor([
+            [float(p.greedy) for p in ps],
+            [p.temperature if not p.greedy else 1.0 for p in ps],
+            [p.top_k or vocab_size for p in ps],  # exact in float32 below 2**24
+            [p.top_p for p in ps],
+            [p.min_p for p in ps],
+            [p.repetition_penalty for p in ps],
+        ], dtype=torch.float32), device)
         penalty = history = None
         if any(p.repetition_penalty != 1.0 for p in ps):
-            penalty = torch.tensor([p.repetition_penalty for p in ps], **f32)
+            penalty = settings[5]
             width = max(len(s) for s in seqs)
-            history = torch.tensor([s.token_ids + [s.token_ids[0]] * (width - len(s)) for s in seqs], device=device)
+            history = _to_device(torch.tensor([s.token_ids + [s.token_ids[0]] * (width - len(s)) for s in seqs]), device)
         rows: list[int] = []
         ids: list[int] = []
         for r, (s, p) in enumerate(zip(seqs, ps)):
@@ -47,13 +56,16 @@ class SamplingBatch:
                 banned += p.stop_token_ids + ([] if p.ignore_eos else eos_ids)
             rows += [r] * len(banned)
             ids += banned
-        banned_t = (torch.tensor(rows, device=device), torch.tensor(ids, device=device)) if ids else None
+        banned_t = None
+        if ids:
+            pairs = _to_device(torch.tensor([rows, ids]), device)
+            banned_t = (pairs[0], pairs[1])
         return cls(
-            greedy=torch.tensor([p.greedy for p in ps], device=device),
-            temperature=torch.tensor([p.temperature if not p.greedy else 1.0 for p in ps], **f32),
-            top_k=torch.tensor([p.top_k or vocab_size for p in ps], device=device),
-            top_p=torch.tensor([p.top_p for p in ps], **f32),
-            min_p=torch.tensor([p.min_p for p in ps], **f32),
+            greedy=settings[0] > 0,
+            temperature=settings[1],
+            top_k=settings[2].long(),
+            top_p=settings[3],
+            min_p=settings[4],
             penalty=penalty,
             history=history,
             banned=banned_t,
@@ -62,8 +74,16 @@ class SamplingBatch:
         )
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """On CUDA through pinned memory without blocking: a copy from pageable memory would
+    wait for the GPU to finish the step's forward first."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
 def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
-    """Processors that apply to greedy and sampled rows alike (on a copy of logits)."""
+    """Processors that apply to greedy and sampled rows alike (on a copy, when any applies)."""
+    if b.penalty is None and b.banned is None:
+        return logits
     logits = logits.clone()
     if b.penalty is not None:
         seen = logits.gather(1, b.history)

@@ -96,12 +96,12 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        image_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        if image_mask is not None:
-            h[image_mask] = image_rows.to(h.dtype)
+        if image_index is not None:  # an index, not a bool mask: masked writes sync with the host
+            h.index_copy_(0, image_index, image_rows.to(h.dtype))
         rope = self.rotary(positions)
         for layer in self.layers:
             h = layer(rope, h, meta)
@@ -130,11 +130,12 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMetadata,
-        image_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [T, hidden] of the packed tokens."""
-        return self.model(input_ids, positions, meta, image_mask, image_rows)
+        """Final hidden states [T, hidden] of the packed tokens; image_rows [n, hidden]
+        replace the embeddings at positions image_index [n]."""
+        return self.model(input_ids, positions, meta, image_index, image_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -1,0 +1,137 @@
+"""Decode steps replayed from CUDA graphs.
+
+A decode step of a 7B model is a few hundred small kernels; launched one by one from Python
+they cost more host time than the GPU needs at small batches. Pure decode steps (every
+sequence q_len 1, no image rows) are therefore captured once per batch size of a ladder and
+replayed: the step's tensors are copied into static buffers, the rows past the batch are
+padding (slot -1: nothing stored; seq_len 0: attention gives zeros) and the smallest
+captured size that holds the batch replays. Everything else runs eagerly.
+
+The graph covers the model forward and the LM head, so with tensor parallelism each rank
+replays its own graph of the same size and the collectives (NCCL) are part of the graph.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+
+import torch
+
+from llm_service.layers.attention import AttentionMetadata
+from llm_service.models.llama import LlamaForCausalLM
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """The ladder: 1, 2, 4, 8, 16, 24, 32, then every 16, capped by (and ending at)
+    max_batch_size. Padding costs at most 1/3 extra rows past 16."""
+    ladder = [1, 2, 4, 8, 16, 24, 32]
+    while ladder[-1] < max_batch_size:
+        ladder.append(ladder[-1] + 16)
+    return sorted({min(bs, max_batch_size) for bs in ladder})
+
+
+def pick_batch_size(sizes: list[int], batch: int) -> int | None:
+    """Smallest of the ascending `sizes` that holds `batch` rows; None when none does."""
+    i = bisect.bisect_left(sizes, batch)
+    return sizes[i] if i < len(sizes) else None
+
+
+def graphs_enabled(device: torch.device, uses_kernels: bool, eager_mode: bool) -> bool:
+    """Graphs need CUDA and the Triton kernels (the torch attention reads lengths on the host);
+    eager_mode or PRISM_EAGER=1 turns them off."""
+    eager = eager_mode or os.environ.get("PRISM_EAGER", "0") not in ("", "0")
+    return device.type == "cuda" and uses_kernels and not eager
+
+
+@dataclass
+class _Buffers:
+    """Static inputs and output at the largest size; a graph of size bs uses rows [:bs]."""
+
+    ids: torch.Tensor  # int64 [N]
+    positions: torch.Tensor  # int64 [N]
+    slot_mapping: torch.Tensor  # int64 [N]
+    block_tables: torch.Tensor  # int32 [N, max_blocks]
+    cu_seqlens_q: torch.Tensor  # int32 [N + 1], always 0..N (every q_len is 1)
+    seq_lens: torch.Tensor  # int32 [N]
+    logits: torch.Tensor  # float32 [N, vocab]
+
+    def meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            max_q_len=1,
+        )
+
+
+class DecodeGraphs:
+    """One captured decode graph per ladder size, sharing a memory pool and the buffers.
+    Build it after the KV cache exists: the graphs bake in the cache's addresses."""
+
+    def __init__(self, model: LlamaForCausalLM, max_batch_size: int, max_blocks: int, device: torch.device):
+        self.model = model
+        self.sizes = graph_batch_sizes(max_batch_size)
+        self.max_blocks = max_blocks
+        n = self.sizes[-1]
+        i64 = dict(dtype=torch.int64, device=device)
+        i32 = dict(dtype=torch.int32, device=device)
+        with torch.inference_mode():
+            self.buf = _Buffers(
+                ids=torch.zeros(n, **i64),
+                positions=torch.zeros(n, **i64),
+                slot_mapping=torch.full((n,), -1, **i64),
+                block_tables=torch.zeros(n, max_blocks, **i32),
+                cu_seqlens_q=torch.arange(n + 1, **i32),
+                seq_lens=torch.zeros(n, **i32),
+                logits=torch.zeros(n, model.args.vocab_size, dtype=torch.float32, device=device),
+            )
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture()
+
+    def _forward(self, bs: int) -> None:
+        b = self.buf
+        hidden = self.model(b.ids[:bs], b.positions[:bs], b.meta(bs))
+        b.logits[:bs] = self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """Largest first, so the smaller graphs fit in the pool memory the larger one left.
+        Captured with the padding values, so capturing writes nothing into the cache."""
+        pool = None
+        for bs in reversed(self.sizes):
+            self._forward(bs)  # warm-up: Triton compiles and NCCL/cuBLAS set up outside the capture
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: work other threads put on the GPU meanwhile (embedded vision) is no error
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self._forward(bs)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, num_rows: int, num_logits: int, meta: AttentionMetadata, has_images: bool) -> bool:
+        """Whether a step is a pure decode a graph covers: q_len 1 everywhere, every row
+        sampling, no image rows, and within the captured batch and block-table sizes."""
+        return (
+            meta.max_q_len == 1
+            and not has_images
+            and num_logits == num_rows
+            and num_rows <= self.sizes[-1]
+            and meta.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """float32 logits [B, vocab]: a view of the static output, valid until the next replay."""
+        n = ids.shape[0]
+        bs = pick_batch_size(self.sizes, n)
+        b = self.buf
+        b.ids[:n].copy_(ids, non_blocking=True)
+        b.positions[:n].copy_(positions, non_blocking=True)
+        b.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        b.slot_mapping[n:bs].fill_(-1)
+        b.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        b.seq_lens[n:bs].zero_()
+        b.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+        self.graphs[bs].replay()
+        return b.logits[:n]
