@@ -118,7 +118,7 @@ def test_cuda_graph_decode_equals_hf_and_eager_fp32(tiny_llava, cases, monkeypat
             for result, same, (prompt, ref) in zip(ours, theirs, chosen):
                 assert result.tokens == ref.tokens == same.tokens
                 torch.testing.assert_close(torch.cat(result.logits), ref.logits, atol=1e-4, rtol=0)
-        assert {1, 3, 6} <= set(replayed)  # padded sizes went through the graphs
+        assert 1 in replayed and any(n not in (1, 2, 4, 8) for n in replayed)  # padded sizes replayed too
         for eng in (graphed, eager):
             info = run(eng.info())
             assert info.free_blocks == info.total_blocks
