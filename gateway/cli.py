@@ -59,13 +59,17 @@ async def _serve_all(args) -> None:
     if llm_task in done:
         llm_task.result()
         return
-    try:
-        await serve_gateway(args.model, f"127.0.0.1:{llm_port.result()}", _template_config(args),
-                            bind=f"{args.host}:{args.port}", on_started=_announce("all", args.host),
-                            allow_local_files=args.allow_local_files)
+    gateway_task = asyncio.create_task(serve_gateway(
+        args.model, f"127.0.0.1:{llm_port.result()}", _template_config(args), bind=f"{args.host}:{args.port}",
+        on_started=_announce("all", args.host), allow_local_files=args.allow_local_files))
+    try:  # the LLM tier may stop first (a tensor-parallel worker died): exit with its error
+        done, _ = await asyncio.wait({llm_task, gateway_task}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
     finally:
-        llm_task.cancel()
-        await asyncio.gather(llm_task, return_exceptions=True)
+        for task in (gateway_task, llm_task):
+            task.cancel()
+        await asyncio.gather(gateway_task, llm_task, return_exceptions=True)
 
 
 def _serve(args) -> None:

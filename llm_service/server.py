@@ -3,7 +3,9 @@
 The server starts before the model loads, so health answers NOT_SERVING while loading
 (and again while draining on SIGTERM/SIGINT). A bad request is INVALID_ARGUMENT; a
 client that cancels or runs past its deadline has its request aborted and its KV
-blocks freed (the handler's cancellation closes the engine's stream).
+blocks freed (the handler's cancellation closes the engine's stream). If a
+tensor-parallel worker dies, health goes NOT_SERVING, in-flight requests fail and
+`serve` raises, so the process exits non-zero instead of hanging.
 
     python -m llm_service.server --model PATH [--vision HOST:PORT] --port 50051
 """
@@ -14,6 +16,7 @@ import asyncio
 import inspect
 import logging
 import signal
+import threading
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -81,6 +84,14 @@ async def _close(obj) -> None:
         await result
 
 
+def _close_within(engine: AsyncLLMEngine, seconds: float) -> None:
+    """engine.close, given up on after `seconds`: after a worker died a NCCL collective
+    may never return, and the process is about to exit anyway."""
+    thread = threading.Thread(target=engine.close, name="llm-close", daemon=True)
+    thread.start()
+    thread.join(seconds)
+
+
 async def serve(
     model_path: str,
     config: EngineConfig,
@@ -89,7 +100,8 @@ async def serve(
     on_started: Callable[[int], None] | None = None,
     grace: float = 5.0,
 ) -> None:
-    """Serve until cancelled or SIGTERM/SIGINT; `on_started(port)` once SERVING."""
+    """Serve until cancelled or SIGTERM/SIGINT; `on_started(port)` once SERVING.
+    RuntimeError once drained if a tensor-parallel worker died."""
     servicer = LLMServicer()
     served = make_server([SERVICE_NAME], bind)
     if not served.port:
@@ -106,9 +118,22 @@ async def serve(
             pass
     await served.server.start()
     vision = engine = None
+    failure: list[str] = []
+
+    def worker_failed(reason: str) -> None:  # on the TP watchdog thread
+        def fail() -> None:
+            failure.append(reason)
+            stop.set()
+
+        try:
+            loop.call_soon_threadsafe(fail)
+        except RuntimeError:  # the loop has closed: we are gone already
+            pass
+
     try:
         vision = await asyncio.to_thread(_vision, model_path, config, vision_target)
         engine = await asyncio.to_thread(AsyncLLMEngine, model_path, config, vision)
+        engine.engine.on_worker_failure(worker_failed)
         servicer.engine = engine
         await served.set_serving(True)
         logger.info("llm service SERVING on port %d", served.port)
@@ -118,13 +143,17 @@ async def serve(
     finally:
         await served.set_serving(False)
         await served.server.stop(grace)  # drain: in-flight streams get `grace` seconds
-        if engine is not None:
+        if engine is not None and failure:
+            await asyncio.to_thread(_close_within, engine, grace)
+        elif engine is not None:
             await asyncio.to_thread(engine.close)
         if vision is not None:
             await _close(vision)
         for sig in signals:
             loop.remove_signal_handler(sig)
         logger.info("llm service stopped")
+    if failure:
+        raise RuntimeError(f"the LLM service stopped: {failure[0]}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,12 +1,13 @@
-"""Tensor-parallel state: which rank of how many this process is.
+"""Tensor-parallel state: which rank of how many this process is, and its collectives.
 
-One process per rank; each rank holds a 1/tp_size shard of every parallel layer.
-With tp_size == 1 (the only size wired up today) every collective is a no-op, so the
-layers can be written TP-aware now and the multi-process launcher added later.
+One process per rank (rank 0 is the engine; launcher.py starts the workers); each rank
+holds a 1/tp_size shard of every parallel layer. With tp_size == 1 every collective is a
+no-op. The process group is gloo on CPU and NCCL on CUDA.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,32 @@ def init_tp(rank: int, size: int) -> None:
     if size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("tensor parallelism needs torch.distributed initialised first")
     _TP.rank, _TP.size = rank, size
+
+
+def start_group(store: dist.Store, rank: int, size: int, device: torch.device, timeout: timedelta) -> None:
+    """Join the tensor-parallel process group (the default group) and record the rank.
+    `timeout` bounds every collective, so a hung peer becomes an error."""
+    if dist.is_initialized():
+        raise RuntimeError("a torch.distributed process group already exists in this process")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    init_tp(rank, size)
+
+
+def stop_group() -> None:
+    """Leave the process group (if any) and go back to a single rank."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _TP.rank, _TP.size = 0, 1
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's `value`, e.g. the KV-cache blocks all ranks can hold."""
+    if _TP.size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def tp_rank() -> int:

@@ -131,6 +131,7 @@ class AsyncLLMEngine:
         for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
             self.engine.abort(seq)
         self._streams.clear()
+        self.engine.close()  # the engine thread is gone: no step can race the workers' shutdown
 
     # ---- engine thread ----
 
@@ -154,7 +155,8 @@ class AsyncLLMEngine:
             if self._closed:
                 break
             if not self.engine.has_work():
-                self._wake.wait()
+                if not self._wake.wait(self.engine.idle_ping_s):
+                    self.engine.ping()
                 self._wake.clear()
                 continue
             try:

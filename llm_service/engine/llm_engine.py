@@ -1,15 +1,18 @@
 """The synchronous engine: one step = schedule, forward, sample, retire.
 
-Not thread-safe: AsyncLLMEngine drives it from a single thread.
+Not thread-safe: AsyncLLMEngine drives it from a single thread. With tp > 1 this process
+is rank 0: it also starts the workers (distributed.launcher) and hands them each step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from llm_service.config import EngineConfig
-from llm_service.distributed import init_tp
+from llm_service.distributed import init_tp, tp_size
+from llm_service.distributed.launcher import WorkerGroup
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.model_runner import ModelRunner
 from llm_service.engine.sampler import SamplingBatch, sample
@@ -29,6 +32,7 @@ class StepOutput:
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
+    """Rank 0's device; with tp > 1 rank r runs on the r-th GPU after it."""
     name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
@@ -38,10 +42,10 @@ def resolve_device(config: EngineConfig) -> torch.device:
 
 class LLMEngine:
     def __init__(self, model_path: str, config: EngineConfig):
-        if config.tp != 1:
-            raise ValueError(f"tp={config.tp}: tensor parallelism is not wired up yet (tp=1 only)")
-        init_tp(0, 1)
+        if tp_size() > 1:
+            raise RuntimeError("a tensor-parallel engine is running in this process; close it first")
         self.spec = read_spec(model_path)
+        self.spec.args.check_tp(config.tp)
         self.config = config
         self.device = resolve_device(config)
         if config.dtype != "auto":
@@ -51,10 +55,42 @@ class LLMEngine:
         # LMDeploy lets session_len exceed max_position_embeddings; RoPE extends, as in transformers
         self.session_len = config.session_len or self.spec.args.max_position_embeddings
         self.max_batch_size = config.max_batch_size or (256 if self.device.type == "cuda" else 32)
-        self.runner = ModelRunner(self.spec, config, self.dtype, self.device, self.session_len, self.max_batch_size)
+        self.workers: WorkerGroup | None = None
+        if config.tp > 1:
+            self.workers = WorkerGroup.start(model_path, config, self.dtype, self.device, self.session_len,
+                                             self.max_batch_size)
+        else:
+            init_tp(0, 1)
+        try:
+            self.runner = ModelRunner(self.spec, config, self.dtype, self.device, self.session_len, self.max_batch_size)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.stop(graceful=False)
+            raise
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.max_batch_size, config.max_prefill_token_num)
         self.eos_token_ids = self.spec.eos_token_ids
+
+    def on_worker_failure(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` from a watchdog thread if a tensor-parallel worker dies."""
+        if self.workers is not None:
+            self.workers.on_failure(callback)
+
+    @property
+    def idle_ping_s(self) -> float | None:
+        """How long the engine may stay idle before `ping` (None: no limit)."""
+        return None if self.workers is None else self.workers.ping_s
+
+    def ping(self) -> None:
+        """While idle: keep the tensor-parallel workers' wait for the next step alive."""
+        if self.workers is not None:
+            self.workers.ping()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (idempotent). Only once no step is running."""
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
@@ -74,6 +110,8 @@ class LLMEngine:
             outputs.append(StepOutput(seq, None, None, "length"))
         if not batch:
             return outputs
+        if self.workers is not None:
+            self.workers.check()
         logits = self.runner.run(batch)
         sampling = [item.seq for item in batch if item.samples]
         for item in batch:

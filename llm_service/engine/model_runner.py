@@ -2,7 +2,9 @@
 
 Each step packs the scheduled tokens of all sequences into flat tensors (ids, positions,
 cache slots, image rows) plus the attention metadata, runs one forward and returns the
-logits of the sequences that sample this step.
+logits of the sequences that sample this step. Under tensor parallelism every rank has a
+runner over its shard: rank 0 `prepare`s the step and sends it to the workers, and every
+rank runs the same `forward` on it.
 """
 from __future__ import annotations
 
@@ -11,10 +13,12 @@ import math
 import torch
 
 from llm_service.config import EngineConfig
+from llm_service.distributed import min_over_ranks, tp_size
+from llm_service.distributed.step import PackedStep, StepInputs, send_step
 from llm_service.engine.cuda_graph import DecodeGraphs, graphs_enabled
 from llm_service.engine.memory_profile import free_memory_after_peak_step
 from llm_service.engine.scheduler import Scheduled
-from llm_service.layers.attention import Attention, AttentionMetadata
+from llm_service.layers.attention import Attention
 from llm_service.models.llama import LlamaForCausalLM
 from llm_service.models.loader import ModelSpec, load_model
 
@@ -34,7 +38,7 @@ class ModelRunner:
         self.model: LlamaForCausalLM = load_model(spec, dtype, device, session_len)
         self.attention = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.uses_kernels = device.type == "cuda" and all(a.use_kernels() for a in self.attention)
-        self.num_blocks = self._num_blocks(config, session_len, max_batch_size)
+        self.num_blocks = min_over_ranks(self._num_blocks(config, session_len, max_batch_size), device)
         a = self.attention[0]
         shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
         for attn in self.attention:
@@ -68,7 +72,8 @@ class ModelRunner:
             raise RuntimeError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after weights)")
         return num
 
-    def _prepare(self, batch: list[Scheduled]):
+    def prepare(self, batch: list[Scheduled]) -> PackedStep:
+        """Rank 0, host side: the step's tensors, packed and copied to the device."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -95,31 +100,26 @@ class ModelRunner:
                 logits_rows.append(cu[-1] - 1)
         width = max(len(item.seq.block_table) for item in batch)
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
-        dev = self.device
+        rows = None
+        if image_rows:  # in the model's dtype: the workers receive them at that dtype
+            rows = torch.cat(image_rows).to(self.dtype)
+            rows = rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
+        return PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
+                                self.device)
 
-        def put(values, dtype):
-            t = torch.tensor(values, dtype=dtype)
-            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
-
-        meta = AttentionMetadata(
-            slot_mapping=put(slots, torch.int64),
-            block_tables=put(tables, torch.int32),
-            cu_seqlens_q=put(cu, torch.int32),
-            seq_lens=put(seq_lens, torch.int32),
-            max_q_len=max(item.num_tokens for item in batch),
-        )
-        index_t = rows_t = None
-        if image_rows:
-            index_t = put(image_index, torch.int64)
-            rows_t = torch.cat(image_rows)
-            rows_t = rows_t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else rows_t
-        return put(ids, torch.int64), put(positions, torch.int64), meta, index_t, rows_t, put(logits_rows, torch.int64)
+    def run(self, batch: list[Scheduled]) -> torch.Tensor:
+        """Rank 0: one step over the batch; float32 logits [n_sampling, vocab], in batch order."""
+        step = self.prepare(batch)
+        if tp_size() > 1:
+            send_step(step)
+        return self.forward(step.unpack())
 
     @torch.inference_mode()
-    def run(self, batch: list[Scheduled]) -> torch.Tensor:
-        """One forward over the batch; float32 logits [n_sampling, vocab], in batch order."""
-        ids, positions, meta, image_index, rows, logits_rows = self._prepare(batch)
-        if self.graphs is not None and self.graphs.can_run(ids.shape[0], logits_rows.shape[0], meta, rows is not None):
-            return self.graphs.run(ids, positions, meta)
-        hidden = self.model(ids, positions, meta, image_index, rows)
+    def forward(self, step: StepInputs) -> torch.Tensor:
+        """Every rank: the model over the step's tokens and the (vocab-gathered) LM head."""
+        ids, meta, logits_rows = step.input_ids, step.meta, step.logits_rows
+        has_images = step.image_rows is not None
+        if self.graphs is not None and self.graphs.can_run(ids.shape[0], logits_rows.shape[0], meta, has_images):
+            return self.graphs.run(ids, step.positions, meta)
+        hidden = self.model(ids, step.positions, meta, step.image_index, step.image_rows)
         return self.model.compute_logits(hidden[logits_rows]).float()

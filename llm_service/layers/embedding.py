@@ -24,8 +24,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        rows = loaded[self.start : self.start + self.shard]
-        param.data[: rows.shape[0]].copy_(rows)
+        rows = min(self.shard, loaded.shape[0] - self.start)  # the last shard may be padded
+        if rows > 0:
+            param.data[:rows].copy_(loaded.narrow(0, self.start, rows))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

@@ -1,7 +1,8 @@
 """Linear layers that shard across tensor-parallel ranks.
 
-Each parameter carries a `weight_loader(param, full_tensor[, shard_id])` that copies in
-only this rank's slice of the checkpoint tensor, so a rank never keeps more than its
+Each parameter carries a `weight_loader(param, checkpoint_tensor[, shard_id])` that copies
+in only this rank's slice (the tensor may be a lazy models.loader.CheckpointTensor: only
+`narrow`, `[...]`, `shape` and `dim` are used), so a rank never reads more than its
 shard. Column-parallel layers split the output features (no communication); row-parallel
 layers split the input features and all-reduce their partial sums.
 """
@@ -33,7 +34,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        param.data.copy_(loaded)
+        param.data.copy_(loaded[...])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -64,21 +65,32 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections fused; heads (not features) are split so GQA stays intact."""
+    """q, k and v projections fused; heads (not features) are split so GQA stays intact.
+    With fewer KV heads than ranks each rank holds one KV head, replicated on the
+    tp_size // num_kv_heads ranks whose query heads read it."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp = tp_size()
         self.head_dim = head_dim
         self.num_heads = _divide(num_heads, tp, "attention heads")
-        self.num_kv_heads = _divide(num_kv_heads, tp, "key/value heads")
-        out = (num_heads + 2 * num_kv_heads) * head_dim
+        if num_kv_heads >= tp:
+            self.num_kv_heads = _divide(num_kv_heads, tp, "key/value heads")
+            self.kv_head = tp_rank() * self.num_kv_heads
+        else:
+            if tp % num_kv_heads:
+                raise ValueError(f"the tensor-parallel size ({tp}) is not a multiple of the "
+                                 f"key/value heads ({num_kv_heads})")
+            self.num_kv_heads = 1
+            self.kv_head = tp_rank() * num_kv_heads // tp
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
         q = self.num_heads * self.head_dim
         kv = self.num_kv_heads * self.head_dim
         offset, shard = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
-        param.data.narrow(0, offset, shard).copy_(loaded.narrow(0, self.tp_rank * shard, shard))
+        start = self.tp_rank * q if shard_id == "q" else self.kv_head * self.head_dim
+        param.data.narrow(0, offset, shard).copy_(loaded.narrow(0, start, shard))
 
 
 class RowParallelLinear(LinearBase):
@@ -89,7 +101,7 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         if param.dim() == 1:  # the bias is added once, after the reduction
-            param.data.copy_(loaded)
+            param.data.copy_(loaded[...])
             return
         shard = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.tp_rank * shard, shard))

@@ -39,6 +39,16 @@ class LlamaArgs:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
 
+    def check_tp(self, tp: int) -> None:
+        """ValueError unless the layers split evenly over `tp` ranks (checked before any
+        worker starts; KV heads may also be fewer than tp and are then replicated)."""
+        if self.num_heads % tp:
+            raise ValueError(f"tp={tp} does not divide the {self.num_heads} attention heads")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            raise ValueError(f"tp={tp} is neither a divisor nor a multiple of the {self.num_kv_heads} key/value heads")
+        if self.intermediate_size % tp:
+            raise ValueError(f"tp={tp} does not divide the MLP width {self.intermediate_size}")
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, a: LlamaArgs):

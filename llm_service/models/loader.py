@@ -119,14 +119,32 @@ def load_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_po
             for key in f.keys():
                 name = _our_name(key)
                 if name is not None:
-                    loaded |= _load_one(model, params, name, f.get_tensor(key))
+                    loaded |= _load_one(model, params, name, CheckpointTensor(f.get_slice(key)))
     if spec.args.tie_word_embeddings and "lm_head.weight" not in loaded:
-        model.lm_head.weight_loader(model.lm_head.weight, model.model.embed_tokens.weight.data)
+        model.lm_head.weight.data.copy_(model.model.embed_tokens.weight.data)  # same vocab shard per rank
         loaded.add("lm_head.weight")
     missing = sorted(_expected(model, params) - loaded)
     if missing:
         raise ValueError(f"checkpoint {spec.path} lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return model.eval()
+
+
+class CheckpointTensor:
+    """A safetensors tensor read on demand, so a tensor-parallel rank reads only its
+    shard from disk: `narrow` reads one slice, `[...]` the whole tensor."""
+
+    def __init__(self, lazy):
+        self._lazy = lazy
+        self.shape = torch.Size(lazy.get_shape())
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self._lazy[(slice(None),) * dim + (slice(start, start + length),)]
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self._lazy[index]
 
 
 def _our_name(key: str) -> str | None:
@@ -148,7 +166,9 @@ def _expected(model: LlamaForCausalLM, params: dict[str, nn.Parameter]) -> set[s
     return out
 
 
-def _load_one(model: LlamaForCausalLM, params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> set[str]:
+def _load_one(
+    model: LlamaForCausalLM, params: dict[str, nn.Parameter], name: str, tensor: CheckpointTensor
+) -> set[str]:
     """Copy `tensor` into the parameter it belongs to; what was loaded (empty: skipped)."""
     for part, (fused, shard_id) in model.packed.items():
         if f".{part}." in name:
@@ -161,7 +181,7 @@ def _load_one(model: LlamaForCausalLM, params: dict[str, nn.Parameter], name: st
         return set()
     loader = getattr(param, "weight_loader", None)
     if loader is None:
-        param.data.copy_(tensor)
+        param.data.copy_(tensor[...])
     else:
         loader(param, tensor)
     return {name}

@@ -1,0 +1,66 @@
+"""A tensor-parallel worker: one of ranks 1..N-1 of the LLM engine.
+
+Started by launcher.WorkerGroup as `python -m llm_service.distributed.worker ARGS_JSON`.
+It joins rank 0's process group, builds the same ModelRunner as rank 0 over its own shard
+(the KV-cache block count is agreed inside), then runs every step rank 0 broadcasts until
+the shutdown header.
+
+It never outlives rank 0: a thread watches the parent pid (PR_SET_PDEATHSIG would fire
+when the *thread* that started us exits, and rank 0 starts workers from a worker thread),
+and a collective with a dead gloo peer fails by itself. It ignores SIGINT: Ctrl-C in a
+terminal reaches the whole process group, and rank 0 alone decides when the workers stop.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from llm_service.distributed import start_group, stop_group
+from llm_service.distributed.launcher import WorkerArgs
+from llm_service.distributed.step import recv_step
+from llm_service.engine.model_runner import ModelRunner
+from llm_service.models.loader import read_spec
+
+PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
+
+
+def run_worker(args: WorkerArgs) -> None:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:  # rank 0 keeps its own thread count; the workers share what is left evenly
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.size))
+    spec = read_spec(args.model_path)  # before checking in: imports transformers, slow
+    timeout = timedelta(seconds=args.timeout_s)
+    store = dist.TCPStore("127.0.0.1", args.store_port, args.size, is_master=False, timeout=timeout)
+    store.set(f"prism/worker/{args.rank}", "1")
+    start_group(store, args.rank, args.size, device, timeout)
+    dtype = getattr(torch, args.dtype)
+    runner = ModelRunner(spec, args.engine_config(), dtype, device, args.session_len, args.max_batch_size)
+    while (step := recv_step(device, dtype, spec.args.hidden_size)) is not None:
+        runner.forward(step.unpack())
+    stop_group()
+
+
+def main(argv: list[str]) -> None:
+    args = WorkerArgs.from_json(argv[0])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
+    run_worker(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
