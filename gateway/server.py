@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from typing import Callable
 
 import grpc
@@ -18,7 +17,7 @@ from gateway.service import ChatService, collect
 from gateway.templates import ChatTemplateConfig
 from gateway.wire import gen_config_from_proto, messages_from_proto, response_to_proto, template_from_proto
 from protos import gateway_pb2, gateway_pb2_grpc
-from protos.serving import Served, make_server, wait_serving
+from protos.serving import Served, make_server, stop_on_signals, wait_serving
 
 logger = logging.getLogger(__name__)
 
@@ -90,26 +89,16 @@ async def serve(model_path: str, llm_target: str, chat_template_config: ChatTemp
     llm = LLMClient(llm_target)
     served = build_server(ChatService(model_path, llm, chat_template_config), bind, llm_target, allow_local_files)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            pass
     await served.server.start()
     try:
-        await wait_serving(llm_target, timeout=LLM_WAIT_SECONDS)
-        await served.set_serving(True)
-        logger.info("gateway serving on port %s (llm %s)", served.port, llm_target)
-        if on_started is not None:
-            on_started(served.port)
-        await stop.wait()
+        with stop_on_signals(stop):
+            await wait_serving(llm_target, timeout=LLM_WAIT_SECONDS)
+            await served.set_serving(True)
+            logger.info("gateway serving on port %s (llm %s)", served.port, llm_target)
+            if on_started is not None:
+                on_started(served.port)
+            await stop.wait()
     finally:
         await served.set_serving(False)
         await asyncio.shield(served.server.stop(DRAIN_SECONDS))
         await llm.aclose()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass

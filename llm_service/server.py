@@ -6,16 +6,13 @@ client that cancels or runs past its deadline has its request aborted and its KV
 blocks freed (the handler's cancellation closes the engine's stream). If a
 tensor-parallel worker dies, health goes NOT_SERVING, in-flight requests fail and
 `serve` raises, so the process exits non-zero instead of hanging.
-
-    python -m llm_service.server --model PATH [--vision HOST:PORT] --port 50051
+Run it with `prism serve llm --model PATH [--vision HOST:PORT] [--tp N] --port P`.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import inspect
 import logging
-import signal
 import threading
 from typing import AsyncIterator, Callable
 
@@ -24,7 +21,7 @@ import grpc
 from llm_service.config import EngineConfig
 from llm_service.engine import AsyncLLMEngine
 from protos import llm_pb2, llm_pb2_grpc
-from protos.serving import make_server
+from protos.serving import make_server, stop_on_signals
 
 logger = logging.getLogger(__name__)
 
@@ -104,18 +101,9 @@ async def serve(
     RuntimeError once drained if a tensor-parallel worker died."""
     servicer = LLMServicer()
     served = make_server([SERVICE_NAME], bind)
-    if not served.port:
-        raise ValueError(f"cannot bind the LLM service to {bind}")
     llm_pb2_grpc.add_LLMServiceServicer_to_server(servicer, served.server)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            signals.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            pass
     await served.server.start()
     vision = engine = None
     failure: list[str] = []
@@ -131,15 +119,16 @@ async def serve(
             pass
 
     try:
-        vision = await asyncio.to_thread(_vision, model_path, config, vision_target)
-        engine = await asyncio.to_thread(AsyncLLMEngine, model_path, config, vision)
-        engine.engine.on_worker_failure(worker_failed)
-        servicer.engine = engine
-        await served.set_serving(True)
-        logger.info("llm service SERVING on port %d", served.port)
-        if on_started is not None:
-            on_started(served.port)
-        await stop.wait()
+        with stop_on_signals(stop):
+            vision = await asyncio.to_thread(_vision, model_path, config, vision_target)
+            engine = await asyncio.to_thread(AsyncLLMEngine, model_path, config, vision)
+            engine.engine.on_worker_failure(worker_failed)
+            servicer.engine = engine
+            await served.set_serving(True)
+            logger.info("llm service SERVING on port %d", served.port)
+            if on_started is not None:
+                on_started(served.port)
+            await stop.wait()
     finally:
         await served.set_serving(False)
         await served.server.stop(grace)  # drain: in-flight streams get `grace` seconds
@@ -149,42 +138,7 @@ async def serve(
             await asyncio.to_thread(engine.close)
         if vision is not None:
             await _close(vision)
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         logger.info("llm service stopped")
     if failure:
         raise RuntimeError(f"the LLM service stopped: {failure[0]}")
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Prism LLM service (paged KV cache, continuous batching).")
-    parser.add_argument("--model", required=True, help="checkpoint folder (HF layout)")
-    parser.add_argument("--vision", default=None, help="vision tier HOST:PORT (default: in-process)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 = any free port")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--session-len", type=int, default=None)
-    parser.add_argument("--max-batch-size", type=int, default=None)
-    parser.add_argument("--cache-max-entry-count", type=float, default=0.8)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--max-prefill-token-num", type=int, default=8192)
-    parser.add_argument("--enable-prefix-caching", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = EngineConfig(
-        dtype=args.dtype, tp=args.tp, session_len=args.session_len, max_batch_size=args.max_batch_size,
-        cache_max_entry_count=args.cache_max_entry_count, block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching, max_prefill_token_num=args.max_prefill_token_num,
-        device=args.device,
-    )
-
-    def started(port: int) -> None:
-        print(f"llm_service listening on {args.host}:{port}", flush=True)
-
-    asyncio.run(serve(args.model, config, args.vision, f"{args.host}:{args.port}", on_started=started))
-
-
-if __name__ == "__main__":
-    main()

@@ -7,6 +7,10 @@ both ends anyway.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -48,7 +52,28 @@ def make_server(service_names: list[str], bind: str) -> Served:
     )
     served = Served(server, health_servicer, service_names)
     served.port = server.add_insecure_port(bind)
+    if not served.port:
+        raise ValueError(f"cannot bind a gRPC server to {bind}")
     return served
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: asyncio.Event):
+    """Set `stop` on SIGTERM/SIGINT while inside (only possible on the main thread;
+    elsewhere, e.g. a server run by a test in a thread, cancellation stops it)."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def channel(target: str) -> grpc.aio.Channel:

@@ -3,21 +3,18 @@
 The server starts before the model loads so health checks answer NOT_SERVING
 while loading (and again while draining). Bad images map to INVALID_ARGUMENT;
 a client that cancels has its queued images dropped by the engine.
-
-    python -m vision_service.server --model PATH --device cpu --port 50052 --max-batch-size 8
+Run it with `prism serve vision --model PATH --device cuda:1 --port P`.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
 from typing import AsyncIterator, Callable
 
 import grpc
 
 from protos import vision_pb2, vision_pb2_grpc
-from protos.serving import make_server
+from protos.serving import make_server, stop_on_signals
 from vision_service.config import VisionConfig
 from vision_service.engine import VisionEngine
 from vision_service.wire import to_chunks
@@ -66,58 +63,22 @@ async def serve(
     """Serve until cancelled or SIGTERM/SIGINT; `on_started(port)` once SERVING."""
     servicer = VisionServicer()
     served = make_server([SERVICE_NAME], bind)
-    if not served.port:
-        raise ValueError(f"cannot bind the vision service to {bind}")
     vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, served.server)
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    signals = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            signals.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-            pass
     await served.server.start()
     engine: VisionEngine | None = None
     try:
-        engine = await asyncio.to_thread(VisionEngine, model_path, config)
-        servicer.engine = engine
-        await served.set_serving(True)
-        logger.info("vision service SERVING on port %d", served.port)
-        if on_started is not None:
-            on_started(served.port)
-        await stop.wait()
+        with stop_on_signals(stop):
+            engine = await asyncio.to_thread(VisionEngine, model_path, config)
+            servicer.engine = engine
+            await served.set_serving(True)
+            logger.info("vision service SERVING on port %d", served.port)
+            if on_started is not None:
+                on_started(served.port)
+            await stop.wait()
     finally:
         await served.set_serving(False)
         await served.server.stop(grace)
         if engine is not None:
             await asyncio.to_thread(engine.close)
-        for sig in signals:
-            loop.remove_signal_handler(sig)
         logger.info("vision service stopped")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Prism vision service (vision tower + projector over gRPC).")
-    parser.add_argument("--model", required=True, help="checkpoint folder (HF layout)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 = any free port")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--max-batch-size", type=int, default=1)
-    parser.add_argument("--batch-window-ms", type=float, default=2.0)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = VisionConfig(
-        max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms, device=args.device, dtype=args.dtype
-    )
-
-    def started(port: int) -> None:
-        print(f"vision_service listening on {args.host}:{port}", flush=True)
-
-    asyncio.run(serve(args.model, config, f"{args.host}:{args.port}", on_started=started))
-
-
-if __name__ == "__main__":
-    main()
