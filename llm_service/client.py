@@ -14,7 +14,7 @@ from typing import AsyncIterator
 import grpc
 
 from protos import llm_pb2, llm_pb2_grpc
-from protos.serving import channel
+from protos.serving import channel, rpc_exception
 
 
 class LLMClient:
@@ -36,12 +36,7 @@ class LLMClient:
         return llm_pb2_grpc.LLMServiceStub(ch)
 
     def _error(self, e: grpc.aio.AioRpcError) -> Exception:
-        code = e.code()
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return ValueError(e.details())
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return TimeoutError(f"llm service {self.target}: deadline exceeded")
-        return RuntimeError(f"llm service {self.target}: {code.name}: {e.details()}")
+        return rpc_exception(f"llm service {self.target}", e)
 
     async def generate(
         self, request: llm_pb2.GenerateRequest, timeout: float | None = None

@@ -99,3 +99,15 @@ async def wait_serving(target: str, timeout: float = 60.0, service: str = "") ->
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{target} not SERVING after {timeout:.0f}s")
             await asyncio.sleep(0.2)
+
+
+def rpc_exception(what: str, error: grpc.aio.AioRpcError) -> Exception:
+    """A lower tier's status as the exception its local engine would raise:
+    INVALID_ARGUMENT → ValueError (the caller's bad input), DEADLINE_EXCEEDED →
+    TimeoutError, anything else → RuntimeError naming `what` (e.g. 'llm service host:port')."""
+    code = error.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return ValueError(error.details())
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimeoutError(f"{what}: deadline exceeded")
+    return RuntimeError(f"{what}: {code.name}: {error.details()}")

@@ -12,7 +12,7 @@ from typing import Sequence
 import grpc
 
 from protos import common_pb2, vision_pb2, vision_pb2_grpc
-from protos.serving import channel
+from protos.serving import channel, rpc_exception
 from vision_service.types import ImageEmbedding
 from vision_service.wire import EmbeddingAssembler
 
@@ -34,13 +34,7 @@ class VisionClient:
         return self._stub
 
     def _error(self, e: grpc.aio.AioRpcError) -> Exception:
-        """INVALID_ARGUMENT is the caller's bad image: ValueError, as in the local engine."""
-        code = e.code()
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return ValueError(e.details())
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return TimeoutError(f"vision service {self.target}: deadline exceeded")
-        return RuntimeError(f"vision service {self.target}: {code.name}: {e.details()}")
+        return rpc_exception(f"vision service {self.target}", e)
 
     async def encode(
         self, images: Sequence[common_pb2.ImageInput], timeout: float | None = None
