@@ -145,3 +145,16 @@ def test_embedded_stream_abandoned_frees_kv_blocks(embedded):
     while (info := embedded._thread.run(engine.info())).free_blocks != total and time.monotonic() < deadline:
         time.sleep(0.05)
     assert info.free_blocks == total and info.running == 0
+
+
+def test_deadline_propagates_and_frees_kv_blocks(split_tiers):
+    request = gateway_pb2.ChatRequest(
+        messages=[_user(_text("describe this image"), _image(data=_png(5)))],
+        gen_config=gateway_pb2.GenerationConfig(max_new_tokens=1900, ignore_eos=True))
+    with grpc.insecure_channel(split_tiers.gateway) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            gateway_pb2_grpc.GatewayStub(ch).Chat(request, timeout=1.0)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    info = _wait_all_blocks_free(split_tiers)
+    assert info.free_blocks == info.total_blocks and info.running == 0
+    _assert_healthy(split_tiers)
