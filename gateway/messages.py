@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import uuid
+import weakref
+import zlib
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from PIL import Image
 
@@ -23,7 +28,7 @@ from gateway.config import GenerationConfig
 from gateway.templates import IMAGE_PART_TYPES, ROLES, ChatTemplate
 from gateway.tokenizer import Tokenizer
 from gateway.vl.constants import IMAGE_TOKEN
-from gateway.vl.image import decode_image, describe, encode_png, read_image_bytes
+from gateway.vl.image import describe, encode_lossless, probe_image, read_image_bytes
 from protos import common_pb2, llm_pb2
 
 _URL_PREFIXES = ("http://", "https://", "data:", "file://")
@@ -124,14 +129,77 @@ def image_parts(messages: list[dict]) -> list[dict]:
     return [p for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] in IMAGE_PART_TYPES]
 
 
+@dataclass
+class _Encoded:
+    image: weakref.ref
+    size: tuple[int, int]
+    mode: str
+    crc: int  # of the pixels (and palette, transparency): an image edited in place is encoded again
+    data: bytes
+    sha256: str
+
+
+class EncodedImages:
+    """PIL images already encoded, by object: a chat re-sends the same image object every
+    turn, and then costs a CRC of its pixels instead of an encode and a sha256. An entry
+    goes with its image (weak reference); the least recently used go past `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, _Encoded] = OrderedDict()  # id(image) -> encoding
+        self._bytes = 0
+        self._lock = threading.RLock()  # images are encoded on the loader threads; GC may call _drop anywhere
+
+    def encode(self, image: Image.Image) -> tuple[bytes, str]:
+        """(encoded bytes, their sha256)."""
+        crc = _fingerprint(image)
+        key = id(image)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit and hit.image() is image and (hit.size, hit.mode, hit.crc) == (image.size, image.mode, crc):
+                self._entries.move_to_end(key)
+                return hit.data, hit.sha256
+        data = encode_lossless(image)
+        entry = _Encoded(weakref.ref(image, lambda _: self._drop(key)), image.size, image.mode, crc, data,
+                         hashlib.sha256(data).hexdigest())
+        with self._lock:
+            self._remove(key)
+            self._entries[key] = entry
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes and self._entries:
+                self._remove(next(iter(self._entries)))
+        return entry.data, entry.sha256
+
+    def _drop(self, key: int) -> None:
+        with self._lock:
+            self._remove(key)
+
+    def _remove(self, key: int) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry.data)
+
+
+def _fingerprint(image: Image.Image) -> int:
+    crc = zlib.crc32(image.tobytes())
+    if image.palette is not None:
+        crc = zlib.crc32(bytes(image.getpalette() or ()), crc)
+    return zlib.crc32(repr(image.info.get("transparency")).encode(), crc)
+
+
+_ENCODED = EncodedImages()
+
+
 def encode_image(source) -> common_pb2.ImageInput:
-    """Encoded bytes (the original file for URLs, data URLs and paths; PNG for PIL) and
-    their sha256. The bytes are decoded once here so a bad image fails in the gateway."""
+    """Encoded bytes and their sha256: the original file for URLs, data URLs, paths and
+    bytes, a lossless encoding for PIL images. Of the original files only the header is read
+    here (what is no image fails now, naming its source); the vision tier decodes the pixels
+    and rejects corrupt ones itself, so they are not decoded twice."""
     if isinstance(source, Image.Image):
-        data = encode_png(source)
-    else:
-        data = source if isinstance(source, bytes) else read_image_bytes(source)
-        decode_image(data, describe(source))
+        data, sha256 = _ENCODED.encode(source)
+        return common_pb2.ImageInput(data=data, sha256=sha256)
+    data = source if isinstance(source, bytes) else read_image_bytes(source)
+    probe_image(data, describe(source))
     return common_pb2.ImageInput(data=data, sha256=hashlib.sha256(data).hexdigest())
 
 
@@ -140,8 +208,9 @@ def _options(part: dict) -> dict[str, str]:
 
 
 def load_images(parts: list[dict]) -> list[common_pb2.ImageInput]:
-    """Fetch / encode the images concurrently (URLs may be slow)."""
-    images = list(_LOADERS.map(lambda p: encode_image(p["image_url"]["url"]), parts))
+    """Fetch / encode the images, several side by side (URLs may be slow)."""
+    sources = [p["image_url"]["url"] for p in parts]
+    images = list(_LOADERS.map(encode_image, sources)) if len(sources) > 1 else [encode_image(s) for s in sources]
     for image, part in zip(images, parts):
         image.options.update(_options(part))
     return images

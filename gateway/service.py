@@ -66,19 +66,21 @@ class ChatService:
         stops = StopStrings([*gen_config.template_stop_words(template.stop_words), *(gen_config.stop_words or [])],
                             gen_config.include_stop_str_in_output)
         input_len, generated, finish, hit_stop_token = 0, 0, None, False
+        wants_logits = gen_config.output_logits is not None
         stream = self.llm.generate(request)
         try:
-            async for chunk in stream:
+            async for chunk in stream:  # once per engine step and request: keep it lean
                 if chunk.HasField("usage"):
                     input_len = chunk.usage.input_tokens
                 ids, logits, text = [], None, ""
                 if not hit_stop_token:  # ids after a stop token are not output
                     ids = list(chunk.token_ids)
-                    logits = logits_to_numpy(chunk.logits, len(ids)) if chunk.HasField("logits") else None
-                    at = next((i for i, t in enumerate(ids) if t in stop_ids), None)
-                    if at is None:
+                    if wants_logits and chunk.HasField("logits"):
+                        logits = logits_to_numpy(chunk.logits, len(ids))
+                    if stop_ids.isdisjoint(ids):
                         text = detok.step(ids)
                     else:
+                        at = next(i for i, t in enumerate(ids) if t in stop_ids)
                         hit_stop_token, finish = True, "stop"
                         text = detok.step(ids[:at]) + detok.finish()
                         keep = at

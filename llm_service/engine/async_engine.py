@@ -1,9 +1,11 @@
 """asyncio intake for the engine: the gateway → LLM seam in-process.
 
 The synchronous LLMEngine runs in its own thread. Callers on any event loop submit
-work to that thread through a queue of callables; the thread hands each request's
-outputs back to the request's own loop with call_soon_threadsafe. A caller that stops
-consuming (generator closed, task cancelled) aborts its request, freeing its blocks.
+work to that thread through a queue of callables. After each step the thread hands the
+step's outputs to each caller loop in ONE call_soon_threadsafe (one wake-up of that loop
+per step, not one per request); on the loop they are merged into each request's pending
+delta, so a slow reader gets fewer, larger chunks. A caller that stops consuming
+(generator closed, task cancelled) aborts its request, freeing its blocks.
 """
 from __future__ import annotations
 
@@ -32,10 +34,52 @@ class _Delta:
     finish_reason: str = ""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Stream:
+    """One request's way back to its caller. `pending`, `error` and `waiter` belong to
+    the caller's loop; the engine thread only reaches them through `_dispatch`."""
+
+    seq: Sequence
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # of _Delta or an exception
+    pending: _Delta = field(default_factory=_Delta)
+    error: BaseException | None = None
+    waiter: asyncio.Future | None = None
+
+    def put(self, token_id: int | None, logits: torch.Tensor | None, finish_reason: str,
+            error: BaseException | None) -> None:
+        if error is not None:
+            self.error = error
+        else:
+            if token_id is not None:
+                self.pending.token_ids.append(token_id)
+            if logits is not None:
+                self.pending.logits.append(logits)
+            if finish_reason:
+                self.pending.finish_reason = finish_reason
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def next(self) -> _Delta:
+        """Everything received since the last call (waits for something); raises the
+        engine's error for this request."""
+        while not (self.pending.token_ids or self.pending.finish_reason or self.error):
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        if self.error is not None:
+            raise self.error
+        delta, self.pending = self.pending, _Delta()
+        return delta
+
+
+# What the engine thread hands a loop for one request: (stream, token id, logits row,
+# finish reason, error); None for what the step did not produce.
+_Item = tuple[_Stream, int | None, torch.Tensor | None, str, BaseException | None]
+
+
+def _dispatch(items: list[_Item]) -> None:
+    """On a caller loop: one step's outputs for the requests awaited there."""
+    for stream, token_id, logits, finish_reason, error in items:
+        stream.put(token_id, logits, finish_reason, error)
 
 
 def _tensor(rows: list[torch.Tensor]) -> common_pb2.Tensor:
@@ -52,6 +96,7 @@ class AsyncLLMEngine:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[int, _Stream] = {}  # seq_id -> stream; engine thread only
+        self._outbox: dict[asyncio.AbstractEventLoop, list[_Item]] = {}  # engine thread only
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._thread.start()
@@ -71,21 +116,16 @@ class AsyncLLMEngine:
         if self._closed:
             raise RuntimeError("the LLM engine is closed")
         seq.request_id = request.request_id or uuid.uuid4().hex
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._submit(lambda: self._start(seq, stream))
+        stream = _Stream(seq, asyncio.get_running_loop())
+        self._submit(lambda: self._start(stream))
         done = False
         try:
             while not done:
-                delta = await stream.queue.get()
-                while not isinstance(delta, BaseException) and not delta.finish_reason and not stream.queue.empty():
-                    delta = self._merge(delta, stream.queue.get_nowait())  # a slow reader gets fewer, larger chunks
-                if isinstance(delta, BaseException):
-                    done = True
-                    raise delta
+                delta = await stream.next()
                 done = bool(delta.finish_reason)
                 yield self._response(seq, delta)
         finally:
-            if not done:
+            if not done and stream.error is None:  # a request the engine failed is gone already
                 self._submit(lambda: self._abort(seq))
 
     async def info(self) -> llm_pb2.LLMInfo:
@@ -126,11 +166,12 @@ class AsyncLLMEngine:
         self._thread.join()
         while not self._inbox.empty():  # work submitted while closing: the thread is gone
             self._inbox.get()()
-        for seq_id in list(self._streams):
-            self._send(seq_id, _Delta(finish_reason="abort"))
+        for stream in self._streams.values():
+            self._post(stream, None, None, "abort", None)
+        self._streams.clear()
+        self._flush()
         for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
             self.engine.abort(seq)
-        self._streams.clear()
         self.engine.close()  # the engine thread is gone: no step can race the workers' shutdown
 
     # ---- engine thread ----
@@ -139,9 +180,9 @@ class AsyncLLMEngine:
         self._inbox.put(fn)
         self._wake.set()
 
-    def _start(self, seq: Sequence, stream: _Stream) -> None:
-        self._streams[seq.seq_id] = stream
-        self.engine.add(seq)
+    def _start(self, stream: _Stream) -> None:
+        self._streams[stream.seq.seq_id] = stream
+        self.engine.add(stream.seq)
 
     def _abort(self, seq: Sequence) -> None:
         self._streams.pop(seq.seq_id, None)
@@ -163,46 +204,44 @@ class AsyncLLMEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # a failed step fails its requests, not the server
                 self._fail_all(exc)
-                continue
+                outputs = []
             for out in outputs:
                 self._deliver(out)
+            self._flush()
 
     def _deliver(self, out: StepOutput) -> None:
-        delta = _Delta(finish_reason=out.finish_reason or "")
-        if out.token_id is not None:
-            delta.token_ids.append(out.token_id)
-        if out.logits is not None:
-            delta.logits.append(out.logits.cpu())
-        if not self._send(out.seq.seq_id, delta):
+        stream = self._streams.get(out.seq.seq_id)
+        if stream is None:  # its caller went away
             self.engine.abort(out.seq)
+            return
+        logits = out.logits.cpu() if out.logits is not None else None  # off the graph's reused buffer
+        self._post(stream, out.token_id, logits, out.finish_reason or "", None)
         if out.finish_reason:
-            self._streams.pop(out.seq.seq_id, None)
+            del self._streams[out.seq.seq_id]
 
-    def _send(self, seq_id: int, item) -> bool:
-        """Hand `item` to the request's loop; False when nobody can receive it any more."""
-        stream = self._streams.get(seq_id)
-        if stream is None:
-            return False
-        try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        except RuntimeError:  # the caller's loop is closed
-            self._streams.pop(seq_id, None)
-            return False
-        return True
+    def _post(self, stream: _Stream, token_id: int | None, logits: torch.Tensor | None, finish_reason: str,
+              error: BaseException | None) -> None:
+        self._outbox.setdefault(stream.loop, []).append((stream, token_id, logits, finish_reason, error))
+
+    def _flush(self) -> None:
+        """One hand-off per caller loop for everything posted since the last flush."""
+        for loop, items in self._outbox.items():
+            try:
+                loop.call_soon_threadsafe(_dispatch, items)
+            except RuntimeError:  # the caller's loop is closed: nobody will read these
+                for stream, *_ in items:
+                    self._streams.pop(stream.seq.seq_id, None)
+                    self.engine.abort(stream.seq)
+        self._outbox = {}
 
     def _fail_all(self, exc: Exception) -> None:
         for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
-            self._send(seq.seq_id, RuntimeError(f"engine step failed: {exc!r}"))
-            self._streams.pop(seq.seq_id, None)
+            stream = self._streams.pop(seq.seq_id, None)
+            if stream is not None:
+                self._post(stream, None, None, "", RuntimeError(f"engine step failed: {exc!r}"))
             self.engine.abort(seq)
 
     # ---- helpers ----
-
-    @staticmethod
-    def _merge(a: _Delta, b) -> _Delta | BaseException:
-        if isinstance(b, BaseException):
-            return b
-        return _Delta(a.token_ids + b.token_ids, a.logits + b.logits, b.finish_reason)
 
     @staticmethod
     def _response(seq: Sequence, delta: _Delta) -> llm_pb2.GenerateResponse:
@@ -210,13 +249,10 @@ class AsyncLLMEngine:
         if delta.logits:
             out.logits.CopyFrom(_tensor(delta.logits))
         # Usage rides on every chunk (three ints), so a caller that stops early still knows it.
-        out.usage.CopyFrom(
-            llm_pb2.Usage(
-                input_tokens=seq.num_prompt_tokens,
-                output_tokens=seq.num_output_tokens,
-                cached_tokens=seq.num_cached_tokens,
-            )
-        )
+        usage = out.usage
+        usage.input_tokens = seq.num_prompt_tokens
+        usage.output_tokens = seq.num_output_tokens
+        usage.cached_tokens = seq.num_cached_tokens
         return out
 
 

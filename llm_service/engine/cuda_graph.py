@@ -129,9 +129,10 @@ class DecodeGraphs:
         b.ids[:n].copy_(ids, non_blocking=True)
         b.positions[:n].copy_(positions, non_blocking=True)
         b.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        b.slot_mapping[n:bs].fill_(-1)
         b.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        b.seq_lens[n:bs].zero_()
+        if n < bs:  # padding rows
+            b.slot_mapping[n:bs].fill_(-1)
+            b.seq_lens[n:bs].zero_()
         b.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
         self.graphs[bs].replay()
         return b.logits[:n]

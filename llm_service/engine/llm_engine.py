@@ -15,7 +15,7 @@ from llm_service.distributed import init_tp, tp_size
 from llm_service.distributed.launcher import WorkerGroup
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.model_runner import ModelRunner
-from llm_service.engine.sampler import SamplingBatch, sample
+from llm_service.engine.sampler import SamplingBatch, argmax_only, sample
 from llm_service.engine.scheduler import Scheduler
 from llm_service.engine.sequence import Sequence, Status
 from llm_service.models.loader import read_spec
@@ -93,6 +93,11 @@ class LLMEngine:
             self.workers = None
 
     def add(self, seq: Sequence) -> None:
+        p = seq.params
+        seq.stop_ids = frozenset(p.stop_token_ids if p.ignore_eos else [*p.stop_token_ids, *self.eos_token_ids])
+        seq.max_len = self.session_len
+        if p.max_new_tokens:
+            seq.max_len = min(seq.max_len, seq.num_prompt_tokens + p.max_new_tokens)
         self.scheduler.add(seq)
 
     def abort(self, seq: Sequence) -> None:
@@ -113,15 +118,17 @@ class LLMEngine:
         if self.workers is not None:
             self.workers.check()
         logits = self.runner.run(batch)
-        sampling = [item.seq for item in batch if item.samples]
+        sampling = []
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
-            self.blocks.commit(item.seq)
+            if item.samples:
+                sampling.append(item.seq)
+        if self.blocks.prefix_caching:
+            for item in batch:
+                self.blocks.commit(item.seq)
         if not sampling:
             return outputs
-        vocab = self.spec.args.vocab_size
-        params = SamplingBatch.build(sampling, self.eos_token_ids, vocab, self.device)
-        tokens = sample(logits, params).tolist()
+        tokens = self.sample(logits, sampling)
         for row, (seq, token) in enumerate(zip(sampling, tokens)):
             seq.token_ids.append(token)
             reason = self._stop_reason(seq, token)
@@ -131,13 +138,17 @@ class LLMEngine:
             outputs.append(StepOutput(seq, token, row_logits, reason))
         return outputs
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        stops = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-        if stops and seq.num_output_tokens >= p.min_new_tokens:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """The next token of each row, read back to the host (the step's one sync)."""
+        if argmax_only(seqs):  # nothing to build or copy for the sampler
+            return logits.argmax(dim=-1).tolist()
+        params = SamplingBatch.build(seqs, self.eos_token_ids, self.spec.args.vocab_size, self.device)
+        return sample(logits, params).tolist()
+
+    @staticmethod
+    def _stop_reason(seq: Sequence, token: int) -> str | None:
+        if token in seq.stop_ids and len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.min_new_tokens:
             return "stop"
-        if p.max_new_tokens and seq.num_output_tokens >= p.max_new_tokens:
-            return "length"
-        if len(seq) >= self.session_len:
+        if len(seq.token_ids) >= seq.max_len:  # max_new_tokens or session_len
             return "length"
         return None

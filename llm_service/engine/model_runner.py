@@ -82,18 +82,25 @@ class ModelRunner:
         image_index: list[int] = []  # packed positions the image rows replace
         image_rows: list[torch.Tensor] = []
         logits_rows: list[int] = []
+        bs = self.block_size
         for item in batch:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_tokens
-            ids += seq.token_ids[start:end]
-            positions += range(start, end)
             table = seq.block_table
-            slots += [table[p // self.block_size] * self.block_size + p % self.block_size for p in range(start, end)]
-            for img in seq.images:
-                lo, hi = max(start, img.start), min(end, img.end)
-                if lo < hi:
-                    image_index += range(cu[-1] + lo - start, cu[-1] + hi - start)
-                    image_rows.append(img.embedding[lo - img.start : hi - img.start])
+            if item.num_tokens == 1:  # a decode: no slices, no ranges
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids += seq.token_ids[start:end]
+                positions += range(start, end)
+                slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            if seq.images and start < seq.images[-1].end:
+                for img in seq.images:
+                    lo, hi = max(start, img.start), min(end, img.end)
+                    if lo < hi:
+                        image_index += range(cu[-1] + lo - start, cu[-1] + hi - start)
+                        image_rows.append(img.embedding[lo - img.start : hi - img.start])
             cu.append(cu[-1] + item.num_tokens)
             seq_lens.append(end)
             if item.samples:

@@ -74,6 +74,16 @@ class SamplingBatch:
         )
 
 
+def argmax_only(seqs: list[Sequence]) -> bool:
+    """Whether every row takes the plain argmax this step (greedy, no penalty, nothing
+    banned): then `sample` would be one argmax, and no settings need building."""
+    for s in seqs:
+        p = s.params
+        if not p.argmax_only or (p.min_new_tokens and len(s.token_ids) - s.num_prompt_tokens < p.min_new_tokens):
+            return False
+    return True
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """On CUDA through pinned memory without blocking: a copy from pageable memory would
     wait for the GPU to finish the step's forward first."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from protos import llm_pb2
 
@@ -25,6 +26,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0.0
+
+    @cached_property
+    def argmax_only(self) -> bool:
+        """Greedy with no processor but min_new_tokens (checked per step by the sampler)."""
+        return self.greedy and self.repetition_penalty == 1.0 and not self.bad_token_ids
 
     @classmethod
     def from_proto(cls, p: llm_pb2.SamplingParams, vocab_size: int) -> SamplingParams:

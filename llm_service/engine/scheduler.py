@@ -16,15 +16,11 @@ from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.sequence import Sequence, Status
 
 
-@dataclass
+@dataclass(slots=True)
 class Scheduled:
     seq: Sequence
     num_tokens: int  # positions computed this step, from seq.num_computed_tokens on
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the sequence, so a token is sampled."""
-        return self.seq.num_computed_tokens + self.num_tokens == len(self.seq)
+    samples: bool  # this step reaches the end of the sequence, so a token is sampled
 
 
 class Scheduler:
@@ -45,12 +41,17 @@ class Scheduler:
     def schedule(self) -> tuple[list[Scheduled], list[Sequence]]:
         """This step's batch, plus sequences that can never fit the cache (to be failed)."""
         budget = self.max_prefill_tokens
+        block_size = self.blocks.block_size
         batch: list[Scheduled] = []
         preempted = False
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            todo = len(seq) - seq.num_computed_tokens
+            todo = len(seq.token_ids) - seq.num_computed_tokens
+            if todo == 1 and seq.num_computed_tokens < len(seq.block_table) * block_size:
+                batch.append(Scheduled(seq, 1, True))  # a decode with room in its last block: the common case
+                i += 1
+                continue
             n = 1 if todo == 1 else min(todo, budget)
             if n == 0:
                 i += 1
@@ -63,7 +64,7 @@ class Scheduler:
                     break
             else:
                 self.blocks.grow(seq, seq.num_computed_tokens + n)
-                batch.append(Scheduled(seq, n))
+                batch.append(Scheduled(seq, n, n == todo))
                 budget -= n if todo > 1 else 0
                 i += 1
         too_big: list[Sequence] = []
@@ -84,7 +85,7 @@ class Scheduler:
             seq.num_computed_tokens = cached
             seq.status = Status.RUNNING
             self.running.append(seq)
-            batch.append(Scheduled(seq, n))
+            batch.append(Scheduled(seq, n, cached + n == len(seq)))
             budget -= n
         return batch, too_big
 

@@ -51,6 +51,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # one per full, computed block
     generator: torch.Generator | None = None
     finish_reason: str | None = None
+    stop_ids: frozenset[int] = frozenset()  # set by the engine on add: stop ids, eos included unless ignored
+    max_len: int = 0  # set by the engine on add: length at which it stops (max_new_tokens, session_len)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
