@@ -109,7 +109,7 @@ class ModelRunner:
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
         rows = None
         if image_rows:  # in the model's dtype: the workers receive them at that dtype
-            rows = torch.cat(image_rows).to(self.dtype)
+            rows = (image_rows[0] if len(image_rows) == 1 else torch.cat(image_rows)).to(self.dtype).contiguous()
             rows = rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
         return PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
                                 self.device)
