@@ -15,7 +15,8 @@ from PIL import Image
 
 from gateway.config import GenerationConfig, Response
 from gateway.templates import IMAGE_PART_TYPES, ChatTemplateConfig
-from gateway.vl.image import encode_png, read_image_bytes
+from gateway.messages import encode_image
+from gateway.vl.image import read_image_bytes
 from protos import common_pb2, gateway_pb2
 
 _SCALARS = ("max_new_tokens", "min_new_tokens", "do_sample", "top_p", "top_k", "min_p", "temperature",
@@ -73,7 +74,7 @@ def _image_ref(source, options: dict) -> gateway_pb2.ImageRef:
     """URLs go as URLs (the gateway fetches them); PIL images and local files go as bytes."""
     ref = gateway_pb2.ImageRef(options={str(k): str(v) for k, v in options.items()})
     if isinstance(source, Image.Image):
-        ref.data = encode_png(source)
+        ref.data = encode_image(source).data  # lossless, and encoded once per image object
     elif isinstance(source, bytes):
         ref.data = source
     elif isinstance(source, str) and source.startswith(_URL_SCHEMES):

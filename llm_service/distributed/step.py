@@ -11,6 +11,8 @@ reaches the collective timeout.
 """
 from __future__ import annotations
 
+from array import array
+
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +66,9 @@ class PackedStep:
         max_q_len = max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:]))
         n_rows = 0 if image_rows is None else image_rows.shape[0]
         header = [STEP, len(ids), len(seq_lens), width, len(logits_rows), n_rows, max_q_len, len(flat)]
-        packed = _on_device(torch.tensor(header + flat, dtype=torch.int64), device)  # one copy
+        values = array("q", header)
+        values.extend(flat)
+        packed = _on_device(torch.frombuffer(values, dtype=torch.int64), device)  # one copy
         return cls(header, packed[:HEADER_LEN], packed[HEADER_LEN:], image_rows)
 
     def unpack(self) -> StepInputs:
