@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -18,7 +19,9 @@ from vision_service.checkpoint import Checkpoint
 from vision_service.config import VisionConfig
 from vision_service.engine import VisionEngine
 from vision_service.models import load_vision_model
-from vision_service.preprocess import ImageProcessorConfig, decode_image, preprocess
+from vision_service.models.base import lookup_pixels
+from vision_service.preprocess import (ImageProcessorConfig, decode_image, lookup, pixel_table, preprocess,
+                                       rescale_normalize)
 from vision_service.types import ImageEmbedding
 from vision_service.wire import EmbeddingAssembler, to_chunks
 
@@ -32,7 +35,9 @@ def noise(seed: int, width: int, height: int, channels: int = 3) -> np.ndarray:
 def odd_images() -> list[Image.Image]:
     """Odd sizes, both orientations, smaller and larger than the model input, many modes."""
     out = []
-    for i, (w, h) in enumerate([(45, 71), (71, 45), (17, 33), (300, 7), (31, 32), (5, 5), (129, 64)]):
+    sizes = [(45, 71), (71, 45), (17, 33), (300, 7), (31, 32), (5, 5), (129, 64),
+             (32, 32), (32, 48), (48, 32)]  # the last three need no resize (the tiny model's input is 32)
+    for i, (w, h) in enumerate(sizes):
         a = noise(i, w, h, 4)
         out += [Image.fromarray(a, "RGBA"), Image.fromarray(a[..., :3]), Image.fromarray(a[..., 0], "L"),
                 Image.fromarray(a[..., :2], "LA"), Image.fromarray(a[..., :3]).convert("P"),
@@ -95,6 +100,64 @@ def test_preprocess_bit_exact_vs_transformers(hf, tiny_llava):
         ours = preprocess(image, cfg)
         assert ours.dtype == ref.dtype == np.float32 and ours.shape == ref.shape == (3, 32, 32)
         assert np.array_equal(ours, ref), (image.mode, image.size)
+
+
+@pytest.mark.parametrize("options", [{}, {"do_rescale": False}, {"do_normalize": False},
+                                     {"do_rescale": False, "do_normalize": False},
+                                     {"rescale_factor": 1 / 127.5, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}])
+def test_table_lookup_equals_direct_arithmetic(options):
+    """Rescale + normalize looked up per uint8 value == computed on every pixel, bit for bit,
+    on the CPU (numpy) and as the device does it (torch)."""
+    cfg = ImageProcessorConfig.from_dict(options)
+    pixels = noise(70, 41, 23)
+    direct = rescale_normalize(pixels, cfg).transpose(2, 0, 1)
+    table = pixel_table(cfg)
+    assert direct.dtype == np.float32 and np.array_equal(lookup(pixels, table), direct)
+    on_device = lookup_pixels(torch.from_numpy(pixels).unsqueeze(0), torch.from_numpy(table))
+    assert on_device.is_contiguous() and np.array_equal(on_device[0].numpy(), direct)
+
+
+def test_device_path_equals_cpu_path(tiny_llava):
+    """uint8 pixels looked up on the device (torch, here on CPU) give the same pixel values
+    and embeddings as the float32 pixels prepared on the host."""
+    model = load_vision_model(Checkpoint.open(tiny_llava), CPU, torch.float32)
+    images = [Image.fromarray(noise(75 + i, 33 + 9 * i, 40)) for i in range(3)]
+    host = [model.prepare(im, {}) for im in images]
+    model.lookup_on_device = True
+    staged = [model.prepare(im, {}) for im in images]
+    assert staged[0].pixel_values.dtype == torch.uint8 and staged[0].tiles == 1
+    assert torch.equal(lookup_pixels(torch.cat([p.pixel_values for p in staged]), model.device_table),
+                       torch.cat([p.pixel_values for p in host]))
+    from_staged = model.encode(staged)
+    model.lookup_on_device = False
+    for a, b in zip(from_staged, model.encode(host)):
+        assert torch.equal(a.embedding, b.embedding)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_matches_cpu_engine(tiny_llava, monkeypatch):
+    """On CUDA images are staged as pinned uint8, looked up on the device (exactly the CPU
+    pixel values) and copied out on a side stream; embeddings equal the CPU engine's."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    inputs = [image_input(png(Image.fromarray(noise(90 + i, 40 + i, 37)))) for i in range(6)]
+
+    async def run(device):
+        engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=4, device=device, dtype="float32"))
+        try:
+            prepared = engine._prepare(0, inputs[0])
+            pixels = (lookup_pixels(prepared.pixel_values.to(engine.device), engine.model.device_table).cpu()
+                      if engine.model.lookup_on_device else prepared.pixel_values)
+            return pixels, prepared.pixel_values, await asyncio.gather(*(engine.encode([i]) for i in inputs))
+        finally:
+            engine.close()
+
+    cpu_pixels, _, on_cpu = asyncio.run(run("cpu"))
+    cuda_pixels, staged, on_cuda = asyncio.run(run("cuda"))
+    assert staged.dtype == torch.uint8 and staged.is_pinned()
+    assert torch.equal(cuda_pixels, cpu_pixels)
+    for (a,), (b,) in zip(on_cuda, on_cpu):
+        assert a.embedding.device == CPU and a.embedding.dtype == torch.float32
+        torch.testing.assert_close(a.embedding, b.embedding, rtol=0, atol=1e-4)
 
 
 def test_preprocess_reads_legacy_preprocessor_config(tiny_llava, tmp_path):
@@ -199,7 +262,7 @@ def test_batches_across_callers_and_bad_image_fails_only_its_caller(tiny_llava):
     alone, results, info, sizes = asyncio.run(run())
     assert isinstance(results[-1], ValueError) and "image 1: cannot decode image" in str(results[-1])
     assert max(sizes) > 1 and max(sizes) <= 4
-    assert info.images_encoded == 9 and info.batches_run == sum(sizes.values())
+    assert info.images_encoded == 9 and info.batches_run == sum(sizes.values()) and dict(info.batch_sizes) == sizes
     assert (info.architecture, info.hidden_size, info.dtype, info.device) == ("LlavaForConditionalGeneration", 64,
                                                                               "float32", "cpu")
     for (batched,), single in zip(results[:-1], alone):
@@ -225,6 +288,35 @@ def test_cancelled_caller_is_dropped_from_the_queue(tiny_llava):
 
     out, info, sizes = asyncio.run(run())
     assert len(out) == 2 and info.images_encoded == 2 and sizes == {2: 1}
+
+
+def test_next_forward_runs_while_the_previous_batch_is_copied_out(tiny_llava):
+    """Two batches in flight at most: while one is being finished, the next one's forward
+    runs, and a third waits (growing meanwhile) until the first is done."""
+    inputs = [image_input(png(Image.fromarray(noise(80 + i, 32, 32)))) for i in range(4)]
+    with pytest.raises(ValueError, match="preprocess_threads"):
+        VisionConfig(preprocess_threads=-1)
+
+    async def run():
+        engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=1, device="cpu", preprocess_threads=1))
+        real_encode, real_finish = engine.model.encode, engine._finish
+        launched, release = [], threading.Event()
+        engine.model.encode = lambda batch: launched.append(len(batch)) or real_encode(batch)
+        engine._finish = lambda item: release.wait() and real_finish(item)
+        try:
+            calls = [asyncio.create_task(engine.encode([i])) for i in inputs]
+            while len(launched) < 2:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            held = len(launched)
+            release.set()
+            await asyncio.gather(*calls)
+            return held, launched, dict(engine.batch_sizes)
+        finally:
+            engine.close()
+
+    held, launched, sizes = asyncio.run(run())
+    assert held == 2 and sum(launched) == 4 and sum(sizes.values()) == len(launched)
 
 
 def test_engine_rejects_sha256_mismatch_and_closed_use(tiny_llava):

@@ -1,10 +1,13 @@
 """The local vision engine: decode + preprocess on a thread pool, then a dynamic
-batcher whose single worker thread owns the model.
+batcher whose worker thread owns the model, pipelined with a finisher thread.
 
 Callers from any asyncio loop enqueue prepared images; the worker takes up to
 `max_batch_size` tiles across *all* pending callers, waiting at most
-`batch_window_ms` after the oldest queued image for more, runs one forward and
-resolves each caller's futures on that caller's loop. Bad images are caught while
+`batch_window_ms` after the oldest queued image for more, and launches one forward.
+The finisher copies each batch's embeddings to the host (on a stream of its own on
+CUDA) and resolves each caller's futures on that caller's loop, while the worker
+already launches the next batch: at most two batches are in flight, so under load
+the queue, not the window, decides the batch size. Bad images are caught while
 preparing, so they fail only their own caller and never reach a batch.
 """
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import queue
 import threading
 import time
 from collections import Counter, deque
@@ -31,7 +35,18 @@ from vision_service.types import ImageEmbedding
 
 logger = logging.getLogger(__name__)
 
+STATS_LOG_EVERY_S = 30.0  # how often a busy engine logs its batch-size histogram
+_IN_FLIGHT = 2  # batches launched and not yet finished: one running, the next queued behind it
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which containers narrow; os.cpu_count() if unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -72,6 +87,15 @@ class _Work:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Launched:
+    """A batch whose forward is launched; `done` marks its end on the device's stream (CUDA only)."""
+
+    batch: list[_Work]
+    outputs: list[ImageEmbedding]
+    done: torch.cuda.Event | None
+
+
 def _settle(future: asyncio.Future, result: ImageEmbedding | None, error: BaseException | None) -> None:
     if future.done():  # the caller was cancelled meanwhile
         return
@@ -94,14 +118,22 @@ class VisionEngine:
         self.images_encoded = 0
         self.batches_run = 0
         self.batch_sizes: Counter[int] = Counter()  # images per forward -> forwards run
+        self._logged_at = time.monotonic()
         self._pending: deque[_Work] = deque()
         self._cond = threading.Condition()
         self._closed: str | None = None  # why encode() is refused: closed, or the worker died
-        self._prep = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="vision-prep")
+        threads = self.config.preprocess_threads or usable_cores()
+        self._prep = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vision-prep")
+        self._slots = threading.Semaphore(_IN_FLIGHT)
+        self._launched: queue.SimpleQueue[_Launched | None] = queue.SimpleQueue()
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._worker = threading.Thread(target=self._run, name="vision-worker", daemon=True)
+        self._finisher = threading.Thread(target=self._finish_all, name="vision-finisher", daemon=True)
         self._worker.start()
-        logger.info("vision engine: %s (%s) on %s in %s, max_batch_size=%d",
-                    self.model_path, self.model.architecture, self.device, self.dtype, self.config.max_batch_size)
+        self._finisher.start()
+        logger.info("vision engine: %s (%s) on %s in %s, max_batch_size=%d, %d preprocessing threads",
+                    self.model_path, self.model.architecture, self.device, self.dtype, self.config.max_batch_size,
+                    threads)
 
     async def encode(self, images: Sequence[common_pb2.ImageInput]) -> list[ImageEmbedding]:
         """Embeddings in the order of `images`; ValueError names the first bad image."""
@@ -128,7 +160,7 @@ class VisionEngine:
 
     def info(self) -> vision_pb2.VisionInfo:
         with self._cond:
-            encoded, batches = self.images_encoded, self.batches_run
+            encoded, batches, sizes = self.images_encoded, self.batches_run, dict(self.batch_sizes)
         return vision_pb2.VisionInfo(
             model=self.model_path,
             architecture=self.model.architecture,
@@ -138,15 +170,16 @@ class VisionEngine:
             max_batch_size=self.config.max_batch_size,
             images_encoded=encoded,
             batches_run=batches,
+            batch_sizes=sizes,
         )
 
     def close(self) -> None:
-        """Stop the worker (after its current forward); queued images fail with RuntimeError."""
+        """Stop the worker (after the batches in flight); queued images fail with RuntimeError."""
         self._shut("is closed")
         self._worker.join()
+        self._finisher.join()
         self._prep.shutdown(wait=False, cancel_futures=True)
-        logger.info("vision engine closed: %d images in %d batches, batch sizes %s",
-                    self.images_encoded, self.batches_run, dict(sorted(self.batch_sizes.items())))
+        logger.info("vision engine closed: %s", self._stats())
 
     def _shut(self, reason: str) -> None:
         """Refuse new work and fail the queued images."""
@@ -202,33 +235,81 @@ class VisionEngine:
             return batch
 
     def _run(self) -> None:
+        """Launch batches, at most `_IN_FLIGHT` ahead of the finisher."""
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            while (batch := self._next_batch()) is not None:
+            while True:
+                self._slots.acquire()  # form the batch only once the device can take it: it grows meanwhile
+                batch = self._next_batch()
+                if batch is None:
+                    break
                 if batch:
-                    self._forward(batch)
+                    self._launch(batch)
+                else:
+                    self._slots.release()
         except BaseException as e:  # never leave callers waiting on a dead worker
             logger.exception("vision worker died")
             self._shut(f"worker died: {e!r}")
+        finally:
+            self._launched.put(None)
 
-    def _forward(self, batch: list[_Work]) -> None:
-        """One forward; a failure fails this batch's callers, not the worker."""
+    def _launch(self, batch: list[_Work]) -> None:
+        """Start one forward and hand it to the finisher; a failure fails this batch's callers, not the worker."""
         try:
             outputs = self.model.encode([w.image for w in batch])
-            outputs = [ImageEmbedding(o.embedding.to("cpu", copy=True), o.grid_thw) for o in outputs]
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
         except Exception as e:
-            logger.exception("vision forward of %d images failed", len(batch))
-            for work in batch:
-                self._resolve(work, None, RuntimeError(f"vision forward failed: {e}"))
+            self._fail(batch, e)
+            self._slots.release()
             return
+        self._launched.put(_Launched(batch, outputs, done))
+
+    def _finish_all(self) -> None:
+        if self._copy_stream is not None:
+            torch.cuda.set_device(self.device)
+        while (launched := self._launched.get()) is not None:
+            try:
+                self._finish(launched)
+            except BaseException as e:  # a failed forward surfaces here on CUDA; never leave callers waiting
+                self._fail(launched.batch, e)
+            launched = None  # its device outputs go back before the worker may launch another batch
+            self._slots.release()
+
+    def _finish(self, launched: _Launched) -> None:
+        """Wait for one forward, copy its embeddings to the host and resolve its callers."""
+        if self._copy_stream is None:
+            outputs = [ImageEmbedding(o.embedding.to("cpu", copy=True), o.grid_thw) for o in launched.outputs]
+        else:  # a stream of its own: the copies overlap the next batch's forward
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_event(launched.done)
+                outputs = [ImageEmbedding(o.embedding.to("cpu"), o.grid_thw) for o in launched.outputs]
+        batch = launched.batch
         with self._cond:
             self.images_encoded += len(batch)
             self.batches_run += 1
             self.batch_sizes[len(batch)] += 1
+            report = time.monotonic() - self._logged_at >= STATS_LOG_EVERY_S
+            if report:
+                self._logged_at = time.monotonic()
         logger.debug("vision batch of %d images", len(batch))
+        if report:
+            logger.info("vision engine: %s", self._stats())
         for work, out in zip(batch, outputs):
             self._resolve(work, out, None)
+
+    def _stats(self) -> str:
+        with self._cond:
+            return (f"{self.images_encoded} images in {self.batches_run} batches, "
+                    f"batch sizes {dict(sorted(self.batch_sizes.items()))}")
+
+    def _fail(self, batch: list[_Work], error: BaseException) -> None:
+        logger.error("vision forward of %d images failed", len(batch), exc_info=error)
+        for work in batch:
+            self._resolve(work, None, RuntimeError(f"vision forward failed: {error}"))
 
     @staticmethod
     def _resolve(work: _Work, result: ImageEmbedding | None, error: BaseException | None) -> None:

@@ -4,6 +4,10 @@ A family turns one decoded image into a `PreparedImage` (CPU, any thread) and a
 batch of them into embeddings (the engine's worker thread, on the device). The
 engine batches by `tiles`, so families that split images (anyres, dynamic tiling)
 fit the same batcher as LLaVA-1.5's one tile per image.
+
+On an accelerator, families hand over uint8 pixels and finish preprocessing there
+with `lookup_pixels`: a quarter of the bytes to copy, and one gather for the batch
+instead of float work per image on the host.
 """
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ from vision_service.types import ImageEmbedding
 
 @dataclass
 class PreparedImage:
-    """An image ready for the vision tower: float32 pixel values on CPU."""
+    """An image ready for its family's `encode`: pixels on CPU, one row per tile."""
 
-    pixel_values: torch.Tensor  # [tiles, channels, height, width]
+    pixel_values: torch.Tensor  # float32 [tiles, channels, height, width], or uint8 [tiles, height, width, channels]
     grid_thw: tuple[int, int, int] | None = None
 
     @property
@@ -60,3 +64,11 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name not in acts:
         raise ValueError(f"activation {name!r} is not supported (known: {sorted(acts)})")
     return acts[name]
+
+
+def lookup_pixels(pixels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """uint8 [batch, height, width, channels] -> table[channel, value] as [batch, channels,
+    height, width], on the pixels' device and in the table's dtype. Exact: nothing is computed."""
+    channels = table.shape[0]
+    offsets = torch.arange(0, 256 * channels, 256, device=pixels.device).view(1, channels, 1, 1)
+    return torch.take(table, pixels.permute(0, 3, 1, 2).long() + offsets)

@@ -16,8 +16,8 @@ from PIL import Image
 from torch import nn
 
 from vision_service.checkpoint import Checkpoint
-from vision_service.models.base import PreparedImage, activation
-from vision_service.preprocess import ImageProcessorConfig, preprocess
+from vision_service.models.base import PreparedImage, activation, lookup_pixels
+from vision_service.preprocess import ImageProcessorConfig, lookup, pixel_table, to_pixels
 from vision_service.types import ImageEmbedding
 
 
@@ -147,6 +147,10 @@ class LlavaVision:
         self.architecture = (config.get("architectures") or ["LlavaForConditionalGeneration"])[0]
         self.device, self.dtype = device, dtype
         self.processor = ImageProcessorConfig.from_pretrained(ckpt.path)
+        self.table = pixel_table(self.processor)
+        # Off the CPU, images travel as uint8 and rescale + normalize run there, batched.
+        self.lookup_on_device = device.type != "cpu"
+        self.device_table = torch.from_numpy(self.table).to(device, dtype)
 
         keys = ckpt.keys()
         layer_ids = {int(k.split(".")[3]) for k in keys if k.startswith("vision_tower.encoder.layers.")}
@@ -201,14 +205,27 @@ class LlavaVision:
 
     def prepare(self, image: Image.Image, options: Mapping[str, str]) -> PreparedImage:
         """LLaVA-1.5 takes no per-image options; one tile per image."""
-        pixels = torch.from_numpy(preprocess(image, self.processor))
-        expected = (3, self.image_size, self.image_size)
-        if tuple(pixels.shape) != expected:
-            raise ValueError(f"preprocessed image is {tuple(pixels.shape)}, the vision tower needs {expected}")
-        return PreparedImage(pixels.unsqueeze(0))
+        pixels = to_pixels(image, self.processor)
+        expected = (self.image_size, self.image_size, 3)
+        if pixels.shape != expected:
+            raise ValueError(f"preprocessed image is {pixels.shape}, the vision tower needs {expected}")
+        if not self.lookup_on_device:
+            return PreparedImage(torch.from_numpy(lookup(pixels, self.table)).unsqueeze(0))
+        staged = torch.empty((1, *expected), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        staged.numpy()[0] = pixels  # pinned, so the copy to the device overlaps the forward before it
+        return PreparedImage(staged)
 
     @torch.inference_mode()
     def encode(self, batch: list[PreparedImage]) -> list[ImageEmbedding]:
-        pixels = torch.cat([p.pixel_values for p in batch]).to(self.device, non_blocking=True)
-        out = self.module(pixels)
+        if self.lookup_on_device:
+            pixels = torch.empty((sum(p.tiles for p in batch), *batch[0].pixel_values.shape[1:]),
+                                 dtype=torch.uint8, device=self.device)
+            row = 0
+            for p in batch:
+                pixels[row : row + p.tiles].copy_(p.pixel_values, non_blocking=True)
+                row += p.tiles
+            pixel_values = lookup_pixels(pixels, self.device_table)
+        else:
+            pixel_values = torch.cat([p.pixel_values for p in batch])
+        out = self.module(pixel_values)
         return [ImageEmbedding(e.flatten(0, 1)) for e in out.split([p.tiles for p in batch])]
