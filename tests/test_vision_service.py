@@ -22,6 +22,7 @@ from vision_service.models import load_vision_model
 from vision_service.models.base import lookup_pixels
 from vision_service.preprocess import (ImageProcessorConfig, decode_image, lookup, pixel_table, preprocess,
                                        rescale_normalize)
+from vision_service.tiff import plain_rgb_tiff
 from vision_service.types import ImageEmbedding
 from vision_service.wire import EmbeddingAssembler, to_chunks
 
@@ -179,6 +180,39 @@ def test_decode_image_round_trip_and_errors():
             decode_image(bad)
     with pytest.raises(ValueError, match="exceeds the limit"):
         decode_image(data, max_pixels=64 * 63)
+
+
+def tiff(image: Image.Image, **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "TIFF", **options)
+    return buf.getvalue()
+
+
+def test_plain_rgb_tiff_is_read_directly_and_equals_pil():
+    """The gateway's uncompressed RGB TIFFs skip PIL's parser and decode to PIL's pixels;
+    every other TIFF still goes through PIL; bad ones fail as before."""
+    from PIL import ImageCms
+
+    def pil(data):
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image
+
+    rgb = Image.fromarray(noise(3, 33, 17))
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rgb_icc = Image.open(io.BytesIO(tiff(rgb, icc_profile=icc)))
+    plain = [tiff(rgb), tiff(Image.fromarray(noise(4, 1, 1))), tiff(Image.fromarray(noise(5, 336, 336))),
+             tiff(rgb_icc), tiff(rgb, compression="raw")]  # the last through libtiff
+    others = [tiff(Image.fromarray(noise(6, 9, 7, 4), "RGBA")), tiff(rgb.convert("L")), tiff(rgb.convert("CMYK")),
+              tiff(rgb, compression="tiff_lzw"), tiff(rgb, save_all=True, append_images=[rgb])]
+    for data in plain + others:
+        ours, ref = decode_image(data), pil(data)
+        assert (plain_rgb_tiff(data, 1 << 20) is not None) == (data in plain)
+        assert ours.mode == ref.mode and np.array_equal(np.asarray(ours), np.asarray(ref))
+    with pytest.raises(ValueError, match="cannot decode image"):
+        decode_image(plain[0][:-1])
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        decode_image(plain[0], max_pixels=33 * 17 - 1)
 
 
 # ---- model ---------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vision_service.tiff import plain_rgb_tiff
+
 MAX_IMAGE_PIXELS = 1 << 26  # 64 Mpx: far above any model input, far below a decompression bomb
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -100,6 +102,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image
     `max_pixels` before their pixels are decompressed."""
     if not data:
         raise ValueError("cannot decode image: no bytes")
+    plain = plain_rgb_tiff(data, max_pixels)  # the gateway's encoding of RGB images: no parsing in Python
+    if plain is not None:
+        return plain
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises many types for bad data
