@@ -1,0 +1,40 @@
+"""The vision engine on CUDA equals the CPU engine (run on a GPU machine: pytest tests/gpu)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tests.test_vision_service import CPU, image_input, noise, png
+from vision_service.config import VisionConfig
+from vision_service.engine import VisionEngine
+from vision_service.models.base import lookup_pixels
+from PIL import Image
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_matches_cpu_engine(tiny_llava, monkeypatch):
+    """On CUDA images are staged as pinned uint8, looked up on the device (exactly the CPU
+    pixel values) and copied out on a side stream; embeddings equal the CPU engine's."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    inputs = [image_input(png(Image.fromarray(noise(90 + i, 40 + i, 37)))) for i in range(6)]
+
+    async def run(device):
+        engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=4, device=device, dtype="float32"))
+        try:
+            prepared = engine._prepare(0, inputs[0])
+            pixels = (lookup_pixels(prepared.pixel_values.to(engine.device), engine.model.device_table).cpu()
+                      if engine.model.lookup_on_device else prepared.pixel_values)
+            return pixels, prepared.pixel_values, await asyncio.gather(*(engine.encode([i]) for i in inputs))
+        finally:
+            engine.close()
+
+    cpu_pixels, _, on_cpu = asyncio.run(run("cpu"))
+    cuda_pixels, staged, on_cuda = asyncio.run(run("cuda"))
+    assert staged.dtype == torch.uint8 and staged.is_pinned()
+    assert torch.equal(cuda_pixels, cpu_pixels)
+    for (a,), (b,) in zip(on_cuda, on_cpu):
+        assert a.embedding.device == CPU and a.embedding.dtype == torch.float32
+        torch.testing.assert_close(a.embedding, b.embedding, rtol=0, atol=1e-4)
+
