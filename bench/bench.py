@@ -456,6 +456,23 @@ def w3_multiturn(pipe, inputs: Inputs, counts: Counts) -> dict:
     return {"ttft1_ms": 1e3 * ttft1, "ttft2_ms": 1e3 * ttft2, "ratio": ttft1 / ttft2}
 
 
+def profile_w1(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
+    """One W1 request under torch.profiler: the kernels that make up a step, by device time,
+    printed and written to OUT/profile_w1.txt (where the bs=1 step time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from gateway import GenerationConfig
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)
+    with profile(activities=activities) as prof:
+        stream(pipe, [inputs.w1[0]], gen)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30)
+    (out / "profile_w1.txt").write_text(table)
+    print(table, flush=True)
+
+
 def run_prism(report: Report, path: Path, args, counts: Counts, inputs: Inputs, ceiling: float) -> dict | None:
     """Embedded: the 7B logits sample first (doubles as warm-up), then W1-W3."""
     check = None
@@ -471,6 +488,9 @@ def run_prism(report: Report, path: Path, args, counts: Counts, inputs: Inputs, 
         if "W1" in args.workloads:
             with report.stage("prism.W1"):
                 report.put("prism.W1", w1_latency(pipe, inputs, counts, ceiling))
+        if args.profile:
+            with report.stage("prism.profile"):
+                profile_w1(pipe, inputs, counts, args.out)
         if "W2" in args.workloads:
             with report.stage("prism.W2"):
                 report.put("prism.W2", w2_throughput(pipe, inputs, counts, embedded_vision_reader(pipe)))
@@ -792,6 +812,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers (and the bf16 logits check)")
     parser.add_argument("--hf-modes", default="eager,compile", help="transformers paths to time")
     parser.add_argument("--skip-tiny-check", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also profile one W1 request (kernels by device time)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and small counts (CPU smoke test)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--ckpt-root", type=Path, default=Path(os.environ.get("PRISM_BENCH_CKPT", "/tmp/prism-bench")),
