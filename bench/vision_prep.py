@@ -24,7 +24,6 @@ import asyncio
 import hashlib
 import io
 import json
-import os
 import sys
 import tempfile
 import time

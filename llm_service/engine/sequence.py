@@ -64,10 +64,6 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
     def block_content(self, index: int, block_size: int) -> bytes:
         """What block `index` holds, as bytes for the prefix-cache hash: its token ids,
         and for image positions the image key and row offset (image rows differ between
