@@ -279,15 +279,20 @@ def ttft_split(path: Path, repeats: int) -> dict[str, float]:
         laps["e2e TTFT, same request again"].append(1e3 * (await _ttft(service, messages, gen))[0])
 
     try:
-        texts = _texts(service, repeats + 1, 1000)
-        asyncio.run(one(texts[0], make_image(999)))  # warm-up
-        laps.clear()
-        for i, text in enumerate(texts[1:]):
-            asyncio.run(one(text, make_image(1000 + i)))
+        _warm_then_measure(one, _texts(service, repeats + 1, 1000), 1000, laps)
     finally:
         llm.close()
         vision.close()
     return {name: statistics.median(v) for name, v in laps.items()}
+
+
+def _warm_then_measure(one, texts: list[str], seed: int, results: dict) -> None:
+    """Run `one` on the first text as a warm-up, forget what it recorded, then on the rest,
+    each with a fresh image (seeds seed-1, seed, seed+1, ...)."""
+    asyncio.run(one(texts[0], make_image(seed - 1)))
+    results.clear()
+    for i, text in enumerate(texts[1:]):
+        asyncio.run(one(text, make_image(seed + i)))
 
 
 class _Usage:
@@ -339,11 +344,7 @@ def w3(path: Path, repeats: int, new_tokens: int) -> dict[str, float]:
         out["answer_ids_kept"].append(float(prompt2[:len(prompt1) + len(ids)] == prompt1 + ids))
 
     try:
-        texts = _texts(service, repeats + 1, 4000)
-        asyncio.run(one(texts[0], make_image(3999)))  # warm-up
-        out.clear()
-        for i, text in enumerate(texts[1:]):
-            asyncio.run(one(text, make_image(4000 + i)))
+        _warm_then_measure(one, _texts(service, repeats + 1, 4000), 4000, out)
     finally:
         llm.close()
         vision.close()
