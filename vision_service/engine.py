@@ -29,6 +29,7 @@ import torch
 from protos import common_pb2, vision_pb2
 from vision_service.checkpoint import Checkpoint
 from vision_service.config import VisionConfig
+from vision_service.devices import DTYPES, resolve_device
 from vision_service.models import PreparedImage, load_vision_model
 from vision_service.preprocess import decode_image
 from vision_service.types import ImageEmbedding
@@ -38,9 +39,6 @@ logger = logging.getLogger(__name__)
 STATS_LOG_EVERY_S = 30.0  # how often a busy engine logs its batch-size histogram
 _IN_FLIGHT = 2  # batches launched and not yet finished: one running, the next queued behind it
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, which containers narrow; os.cpu_count() if unknown)."""
     try:
@@ -49,32 +47,18 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """config.device, or cuda when available, else cpu; a bare "cuda" gets the current index
-    (the worker thread must select the device by index)."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"invalid vision device {name!r}: {e}") from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def resolve_dtype(name: str, ckpt_config: dict, device: torch.device) -> torch.dtype:
     """"auto" is float32 on CPU and the checkpoint's dtype (float16 if unstated) elsewhere."""
     if name != "auto":
-        if name not in _DTYPES:
-            raise ValueError(f"vision dtype must be 'auto' or one of {sorted(_DTYPES)}, got {name!r}")
-        return _DTYPES[name]
+        if name not in DTYPES:
+            raise ValueError(f"vision dtype must be 'auto' or one of {sorted(DTYPES)}, got {name!r}")
+        return DTYPES[name]
     if device.type == "cpu":
         return torch.float32
     stated = ckpt_config.get("dtype") or ckpt_config.get("torch_dtype")
     if stated is None:
         stated = (ckpt_config.get("text_config") or {}).get("torch_dtype")
-    return _DTYPES.get(str(stated), torch.float16)
+    return DTYPES.get(str(stated), torch.float16)
 
 
 @dataclass

@@ -13,10 +13,10 @@ import torch
 
 from protos import vision_pb2
 from protos.serving import CHUNK_BYTES
+from vision_service.devices import DTYPES
 from vision_service.types import ImageEmbedding
 
-WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_NAMES = {v: k for k, v in WIRE_DTYPES.items()}
+_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def to_chunks(index: int, emb: ImageEmbedding, chunk_bytes: int = CHUNK_BYTES) -> Iterator[vision_pb2.EmbeddingChunk]:
@@ -38,12 +38,12 @@ class _Partial:
     """One image being reassembled."""
 
     def __init__(self, chunk: vision_pb2.EmbeddingChunk):
-        if chunk.dtype not in WIRE_DTYPES:
+        if chunk.dtype not in DTYPES:
             raise RuntimeError(f"unknown embedding dtype {chunk.dtype!r}")
         if chunk.rows < 0 or chunk.hidden_size < 1:
             raise RuntimeError(f"bad embedding shape {chunk.rows}x{chunk.hidden_size}")
         self.header = (chunk.rows, chunk.hidden_size, chunk.dtype, tuple(chunk.grid_thw))
-        self.row_bytes = chunk.hidden_size * WIRE_DTYPES[chunk.dtype].itemsize
+        self.row_bytes = chunk.hidden_size * DTYPES[chunk.dtype].itemsize
         self.data = bytearray(chunk.rows * self.row_bytes)
         self.seen = bytearray(chunk.rows)  # 1 per received row, to catch gaps and overlaps
 
@@ -64,9 +64,9 @@ class _Partial:
         if not all(self.seen):
             raise RuntimeError(f"embedding incomplete: {sum(self.seen)} of {rows} rows received")
         if rows == 0:
-            t = torch.empty(0, hidden, dtype=WIRE_DTYPES[dtype])
+            t = torch.empty(0, hidden, dtype=DTYPES[dtype])
         else:
-            t = torch.frombuffer(self.data, dtype=WIRE_DTYPES[dtype]).view(rows, hidden)
+            t = torch.frombuffer(self.data, dtype=DTYPES[dtype]).view(rows, hidden)
         return ImageEmbedding(t, tuple(grid) if grid else None)
 
 

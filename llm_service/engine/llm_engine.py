@@ -19,9 +19,7 @@ from llm_service.engine.sampler import SamplingBatch, argmax_only, sample
 from llm_service.engine.scheduler import Scheduler
 from llm_service.engine.sequence import Sequence, Status
 from llm_service.models.loader import read_spec
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
+from vision_service.devices import DTYPES, resolve_device
 
 @dataclass
 class StepOutput:
@@ -31,15 +29,6 @@ class StepOutput:
     finish_reason: str | None
 
 
-def resolve_device(config: EngineConfig) -> torch.device:
-    """Rank 0's device; with tp > 1 rank r runs on the r-th GPU after it."""
-    name = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 class LLMEngine:
     def __init__(self, model_path: str, config: EngineConfig):
         if tp_size() > 1:
@@ -47,9 +36,9 @@ class LLMEngine:
         self.spec = read_spec(model_path)
         self.spec.args.check_tp(config.tp)
         self.config = config
-        self.device = resolve_device(config)
+        self.device = resolve_device(config.device)  # with tp > 1, rank r runs on the r-th GPU after it
         if config.dtype != "auto":
-            self.dtype = _DTYPES[config.dtype]
+            self.dtype = DTYPES[config.dtype]
         else:
             self.dtype = self.spec.dtype if self.device.type == "cuda" else torch.float32
         # LMDeploy lets session_len exceed max_position_embeddings; RoPE extends, as in transformers
