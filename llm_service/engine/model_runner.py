@@ -37,7 +37,10 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model: LlamaForCausalLM = load_model(spec, dtype, device, session_len)
         self.attention = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.uses_kernels = device.type == "cuda" and all(a.use_kernels() for a in self.attention)
+        # Triton kernels for attention, norms, activation and decode GEMVs (every module that has one)
+        self.uses_kernels = device.type == "cuda" and all(
+            [m.use_kernels() for m in self.model.modules() if hasattr(m, "use_kernels")]
+        )
         self.num_blocks = min_over_ranks(self._num_blocks(config, session_len, max_batch_size), device)
         a = self.attention[0]
         shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm_service.layers.rotary import Rope, apply_rotary
+
 
 def store_kvcache(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -63,15 +65,6 @@ def paged_attention(
     return out
 
 
-def _kernels():
-    """The Triton pair when running on CUDA and importable, else the torch reference."""
-    try:
-        from llm_service.layers import triton_attention as ta
-    except ImportError:
-        return None
-    if not getattr(ta, "AVAILABLE", False):  # the module imports without triton; its kernels don't run
-        return None
-    return ta.store_kvcache, ta.paged_attention
 
 
 @dataclass
@@ -86,25 +79,32 @@ class AttentionMetadata:
 
 
 class Attention(nn.Module):
-    """Stores this step's K/V into its layer's cache, then attends over the cache.
-    The runner assigns k_cache / v_cache after sizing the cache."""
+    """Rotates this step's q and k, stores K/V into its layer's cache, then attends over
+    the cache. The runner assigns k_cache / v_cache after sizing the cache."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.k_cache = self.v_cache = torch.empty(0)
-        self.store, self.attend = store_kvcache, paged_attention
+        self.kernels = None
 
     def use_kernels(self) -> bool:
-        """Switch to the Triton kernels (CUDA only); False when they are not available."""
-        found = _kernels()
-        if found is not None:
-            self.store, self.attend = found
-        return found is not None
+        """Switch to the Triton kernels (CUDA only); False when triton is not installed."""
+        from llm_service.layers import triton_attention
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        self.store(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        return self.attend(
+        self.kernels = triton_attention if triton_attention.AVAILABLE else None
+        return self.kernels is not None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope,
+                meta: AttentionMetadata) -> torch.Tensor:
+        if self.kernels is not None:
+            q = self.kernels.rope_store(q, k, v, rope, self.k_cache, self.v_cache, meta.slot_mapping)
+            attend = self.kernels.paged_attention
+        else:
+            q, k = apply_rotary(q, k, *rope.gather())
+            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            attend = paged_attention
+        return attend(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
             max_q_len=meta.max_q_len,
         )

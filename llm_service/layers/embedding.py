@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_service.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from llm_service.layers import triton_gemv
+from llm_service.layers.linear import project
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -40,6 +42,14 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the full vocabulary (padding of the last shard dropped)."""
 
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(vocab_size, hidden_size)
+        self.use_gemv = False
+
+    def use_kernels(self) -> bool:
+        self.use_gemv = triton_gemv.AVAILABLE
+        return self.use_gemv
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = all_gather_last_dim(project(hidden, self.weight, None, self.use_gemv))
         return logits[..., : self.vocab_size]

@@ -13,12 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_service.distributed import all_reduce, tp_rank, tp_size
+from llm_service.layers import triton_gemv
 
 
 def _divide(n: int, d: int, what: str) -> int:
     if n % d:
         raise ValueError(f"{what} ({n}) is not divisible by the tensor-parallel size ({d})")
     return n // d
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_gemv: bool) -> torch.Tensor:
+    """x W^T + b: the Triton GEMV for decode-sized x when enabled, else cuBLAS / CPU."""
+    if use_gemv and x.shape[0] <= triton_gemv.MAX_ROWS:
+        return triton_gemv.gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -32,12 +40,18 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.use_gemv = False
+
+    def use_kernels(self) -> bool:
+        """Decode-sized inputs (<= triton_gemv.MAX_ROWS rows) take the Triton GEMV."""
+        self.use_gemv = triton_gemv.AVAILABLE
+        return self.use_gemv
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         param.data.copy_(loaded[...])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return project(x, self.weight, self.bias, self.use_gemv)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -107,6 +121,6 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, self.tp_rank * shard, shard))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = project(x, self.weight, None, self.use_gemv)
         all_reduce(y)
         return y if self.bias is None else y + self.bias

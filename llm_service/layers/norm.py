@@ -1,8 +1,15 @@
-"""RMSNorm, computed in fp32 like transformers' LlamaRMSNorm so logits match bit for bit."""
+"""RMSNorm, computed in fp32 like transformers' LlamaRMSNorm so logits match bit for bit.
+
+With a residual it is the pre-norm of the next sublayer: residual + x first (rounded to
+the model dtype, as transformers' `residual + hidden_states`), then the norm of that.
+On CUDA both are one Triton launch (`use_kernels`) that updates the residual in place.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from llm_service.layers import triton_fused
 
 
 class RMSNorm(nn.Module):
@@ -10,8 +17,25 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def use_kernels(self) -> bool:
+        self.fused = triton_fused.AVAILABLE
+        return self.fused
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with `residual`: (norm(residual + x), residual + x)."""
+        if self.fused:
+            out = triton_fused.rms_norm(x, self.weight, self.eps, residual)
+            return out if residual is None else (out, residual)
+        if residual is None:
+            return self._norm(x)
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

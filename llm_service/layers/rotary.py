@@ -2,11 +2,13 @@
 
 cos/sin are tabulated once in fp32 for every position up to max_positions and cast to
 the activation dtype at use, which is what transformers does, so bf16 results match.
+Attention applies them (layers/attention.py): on CUDA fused with the KV-cache write.
 Supported rope types: default, linear and llama3; anything else is refused at load.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -52,9 +54,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 cos, sin [T, 1, D] for positions [T]; computed once per step, shared by layers."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def forward(self, positions: torch.Tensor) -> Rope:
+        """What every layer's attention needs to rotate the step's tokens at `positions` [T]."""
+        return Rope(self.cos, self.sin, positions)
+
+
+class Rope(NamedTuple):
+    """fp32 cos/sin tables [max_positions, D] and the step's int64 positions [T]. The
+    Triton path reads the tables by position inside its kernel; `gather` is the torch path's."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] of the step's positions."""
+        return self.cos[self.positions].unsqueeze(1), self.sin[self.positions].unsqueeze(1)
 
 
 def apply_rotary(

@@ -1,4 +1,4 @@
-"""Triton kernels for paged attention on CUDA: KV-cache store, prefill and split-K decode.
+"""Triton kernels for paged attention on CUDA: rotary + KV-cache store, prefill and split-K decode.
 
 Same semantics as the CPU reference in `attention.py`:
 - caches are `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * block_size + offset,
@@ -33,28 +33,58 @@ if AVAILABLE:
     _M_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a masked row never computes inf - inf
 
     @triton.jit
-    def _store_kvcache_kernel(
-        k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
-        stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-        H: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _rotate(x1, x2, c1, s1, c2, s2, DT: tl.constexpr):
+        """Rotate-half RoPE of the halves x1, x2, rounding to DT after each multiply and
+        the add, as transformers' `x * cos + rotate_half(x) * sin` does in DT."""
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        o1 = (x1 * c1).to(DT).to(tl.float32) + (-(x2 * s1)).to(DT).to(tl.float32)
+        o2 = (x2 * c2).to(DT).to(tl.float32) + (x1 * s2).to(DT).to(tl.float32)
+        return o1.to(DT), o2.to(DT)
+
+    @triton.jit
+    def _rope_store_kernel(
+        q_ptr, k_ptr, v_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr,
+        stride_qt, stride_qh, stride_qot, stride_qoh, stride_kt, stride_kh, stride_vt, stride_vh,
+        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_rope,
+        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, ROPE: tl.constexpr,
+        BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
     ):
-        t = tl.program_id(0)
+        """Token t: (with ROPE) q rotated into q_out; k (rotated with ROPE) and v stored at
+        slot_mapping[t] unless that is -1. One program per token, both halves of head_dim."""
+        t = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_HALF)[None, :]
+        d_ok = d < HALF
+        DT = kc_ptr.dtype.element_ty
+        if ROPE:
+            pos = tl.load(pos_ptr + t).to(tl.int64)
+            c1 = tl.load(cos_ptr + pos * stride_rope + d, mask=d_ok, other=0.0).to(DT).to(tl.float32)
+            c2 = tl.load(cos_ptr + pos * stride_rope + HALF + d, mask=d_ok, other=0.0).to(DT).to(tl.float32)
+            s1 = tl.load(sin_ptr + pos * stride_rope + d, mask=d_ok, other=0.0).to(DT).to(tl.float32)
+            s2 = tl.load(sin_ptr + pos * stride_rope + HALF + d, mask=d_ok, other=0.0).to(DT).to(tl.float32)
+            hq = tl.arange(0, BLOCK_HQ)[:, None]
+            q_ok = (hq < HQ) & d_ok
+            src = q_ptr + t * stride_qt + hq * stride_qh + d
+            q1, q2 = _rotate(tl.load(src, mask=q_ok), tl.load(src + HALF, mask=q_ok), c1, s1, c2, s2, DT)
+            dst = q_out_ptr + t * stride_qot + hq * stride_qoh + d
+            tl.store(dst, q1, mask=q_ok)
+            tl.store(dst + HALF, q2, mask=q_ok)
         slot = tl.load(slot_ptr + t).to(tl.int64)
-        if slot < 0:
-            return
-        page = slot // PAGE
-        off = slot % PAGE
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, BLOCK_D)[None, :]
-        mask = (h < H) & (d < D)
-        k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
-        v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
-        kc = kc_ptr + page * stride_kcb + off * stride_kcs + h * stride_kch + d
-        vc = vc_ptr + page * stride_vcb + off * stride_vcs + h * stride_vch + d
-        tl.store(kc, k.to(kc_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc, v.to(vc_ptr.dtype.element_ty), mask=mask)
+        if slot >= 0:
+            page = slot // PAGE
+            off = slot % PAGE
+            hk = tl.arange(0, BLOCK_HKV)[:, None]
+            kv_ok = (hk < HKV) & d_ok
+            k_src = k_ptr + t * stride_kt + hk * stride_kh + d
+            k1, k2 = tl.load(k_src, mask=kv_ok), tl.load(k_src + HALF, mask=kv_ok)
+            if ROPE:
+                k1, k2 = _rotate(k1, k2, c1, s1, c2, s2, DT)
+            v_src = v_ptr + t * stride_vt + hk * stride_vh + d
+            kc = kc_ptr + page * stride_kcb + off * stride_kcs + hk * stride_kch + d
+            vc = vc_ptr + page * stride_vcb + off * stride_vcs + hk * stride_vch + d
+            tl.store(kc, k1.to(DT), mask=kv_ok)
+            tl.store(kc + HALF, k2.to(DT), mask=kv_ok)
+            tl.store(vc, tl.load(v_src, mask=kv_ok).to(DT), mask=kv_ok)
+            tl.store(vc + HALF, tl.load(v_src + HALF, mask=kv_ok).to(DT), mask=kv_ok)
 
     @triton.jit
     def _prefill_kernel(
@@ -252,19 +282,44 @@ def _sm_count(device: torch.device) -> int:
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor) -> None:
     """Write k, v `[T, Hkv, D]` into the caches at `slot_mapping` (int64 `[T]`; -1 skips)."""
+    _rope_store(None, k, v, None, k_cache, v_cache, slot_mapping)
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, ...],
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding and cache write in one launch: returns q `[T, Hq, D]` rotated, and
+    stores k (rotated) and v at `slot_mapping`. rope = (cos table, sin table, positions):
+    fp32 `[max_positions, D]` tables and int64 positions `[T]`."""
+    return _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping)
+
+
+def _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping):
     _require_triton()
-    T, H, D = k.shape
-    if T == 0:
-        return
+    T, Hkv, D = k.shape
+    if D % 2:
+        raise ValueError(f"head_dim must be even, got {D}")
     k, v = _last_dim_contiguous(k), _last_dim_contiguous(v)
-    _store_kvcache_kernel[(T,)](
-        k, v, k_cache, v_cache, slot_mapping,
+    if q is None:  # store only: the q arguments are placeholders the kernel never reads
+        q_in = q_out = k
+        cos = sin = positions = slot_mapping
+    else:
+        q_in = _last_dim_contiguous(q)
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        cos, sin, positions = rope
+    if T == 0:
+        return q_out
+    Hq = q_in.shape[1]
+    _rope_store_kernel[(T,)](
+        q_in, k, v, q_out, k_cache, v_cache, slot_mapping, positions, cos, sin,
+        q_in.stride(0), q_in.stride(1), q_out.stride(0), q_out.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H=H, D=D, PAGE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D),
+        *_cache_strides(k_cache, v_cache), cos.stride(0) if q is not None else 0,
+        HQ=Hq, HKV=Hkv, HALF=D // 2, PAGE=k_cache.shape[1], ROPE=q is not None,
+        BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
+        BLOCK_HALF=triton.next_power_of_2(D // 2),
+        enable_fp_fusion=False,  # a contracted multiply-add would skip the product's rounding
     )
+    return q_out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

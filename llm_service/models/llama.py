@@ -16,9 +16,7 @@ from llm_service.layers.attention import Attention, AttentionMetadata
 from llm_service.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from llm_service.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from llm_service.layers.norm import RMSNorm
-from llm_service.layers.rotary import RotaryEmbedding, apply_rotary
-
-Rope = tuple[torch.Tensor, torch.Tensor]
+from llm_service.layers.rotary import Rope, RotaryEmbedding
 
 
 @dataclass
@@ -65,8 +63,7 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
-        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+        return self.o_proj(self.attn(q, k, v, rope, meta).flatten(1))
 
 
 class LlamaMLP(nn.Module):
@@ -88,9 +85,18 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
-    def forward(self, rope: Rope, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(rope, self.input_layernorm(h), meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, rope: Rope, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous sublayer's output, not yet added to `residual` (None before the
+        first layer). Each norm adds it, so the adds fuse into the norm kernels."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(rope, x, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -113,9 +119,10 @@ class LlamaModel(nn.Module):
         if image_index is not None:  # an index, not a bool mask: masked writes sync with the host
             h.index_copy_(0, image_index, image_rows.to(h.dtype))
         rope = self.rotary(positions)
+        residual = None
         for layer in self.layers:
-            h = layer(rope, h, meta)
-        return self.norm(h)
+            h, residual = layer(rope, h, residual, meta)
+        return self.norm(h, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):

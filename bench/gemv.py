@@ -1,0 +1,97 @@
+"""How fast the Llama-2-7B projections run at decode batch sizes, as bandwidth.
+
+At bs=1 a decode step is the weights read once: 13.48 GB. This times each projection
+with 50 launches captured in one CUDA graph, so launch gaps do not count, and prints
+the achieved GB/s next to a device-to-device copy: cuBLAS (F.linear) and the Triton
+GEMV of llm_service/layers/triton_gemv.py, the latter over a sweep of its tile knobs
+(checked against F.linear first).
+
+    python bench/gemv.py [--batch-sizes 1,8] [--tp 1] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llm_service.layers.triton_gemv import gemv  # noqa: E402
+
+SHAPES = {  # name: (out_features, in_features), Llama-2-7B, vocab 32064
+    "qkv": (3 * 4096, 4096),
+    "o": (4096, 4096),
+    "gate_up": (2 * 11008, 4096),
+    "down": (4096, 11008),
+    "lm_head": (32064, 4096),
+}
+PER_LAYER = ("qkv", "o", "gate_up", "down")
+
+
+def graph_time(fn, reps: int = 48) -> float:
+    """Seconds per call of `fn`, launched `reps` times from one CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (5 * reps)
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / graph_time(lambda: dst.copy_(src), reps=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--tp", type=int, default=1, help="shard the shapes as one rank of tp would")
+    parser.add_argument("--sweep", action="store_true", help="also time every Triton tile setting; print the best")
+    args = parser.parse_args()
+    print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · copy {copy_bandwidth() / 1e9:.0f} GB/s")
+    for bs in map(int, args.batch_sizes.split(",")):
+        layer = {"cublas": 0.0, "triton": 0.0}
+        for name, (n, k) in SHAPES.items():
+            n, k = (n, k // args.tp) if name in ("o", "down") else (n // args.tp, k)
+            # as many copies as it takes to overflow the 50 MB L2, read in turn, as a model's layers are
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(-(-400_000_000 // (2 * n * k)))]
+            w = ws[0]
+            x = torch.randn(bs, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), w.float())
+            err = (gemv(x, w).float() - ref).abs().max().item()
+            assert err <= 0.02 * ref.abs().max().item() + 1e-2, f"{name}: triton gemv off by {err}"
+            turn = itertools.cycle(ws)
+            times = {"cublas": graph_time(lambda: F.linear(x, next(turn))),
+                     "triton": graph_time(lambda: gemv(x, next(turn)))}
+            best = ""
+            if args.sweep:
+                tried = {}
+                for bn, bk, warps, stages in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3)):
+                    knobs = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                    tried[tuple(knobs.values())] = graph_time(lambda: gemv(x, next(turn), **knobs))
+                cfg = min(tried, key=tried.get)
+                best = f"  best (bn, bk, warps, stages) {cfg}: {tried[cfg] * 1e6:.1f} us {w.numel() * 2 / tried[cfg] / 1e9:.0f} GB/s"
+            for impl, t in times.items():
+                layer[impl] += t if name in PER_LAYER else 0.0
+            line = "  ".join(f"{impl} {t * 1e6:6.1f} us {w.numel() * 2 / t / 1e9:5.0f} GB/s" for impl, t in times.items())
+            print(f"bs {bs:3d} {name:8s} {n:6d}x{k:6d}  {line}{best}", flush=True)
+        print(f"bs {bs:3d} 32 layers of projections: " + ", ".join(f"{impl} {32 * t * 1e3:.2f} ms" for impl, t in layer.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Fused elementwise kernels of a decoder layer: residual add + RMSNorm, and SiLU * up.
+
+In torch each of these is 3 to 8 small kernels; at decode batch sizes a launch costs more
+than the work, and a 7B step has 32 layers of them. Each kernel here is one launch and
+rounds where transformers rounds (the residual sum, the normalised row, the SiLU output
+are cast to the model dtype before the next multiply), so bf16 results match transformers
+to fp32 summation order. The module imports without triton; `AVAILABLE` says whether
+the kernels can run.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+AVAILABLE: bool = triton is not None
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr, res_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_res, stride_out,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < H
+        x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
+        if HAS_RESIDUAL:  # residual <- x + residual, rounded to the model dtype, then normalised
+            r = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
+            tl.store(res_ptr + row * stride_res + cols, x, mask=ok)
+        xf = x.to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
+        y = (xf * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_out, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < I
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + I + cols, mask=ok, other=0.0).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm of x [T, H]; with `residual`, first residual += x (in place) and normalise that."""
+    T, H = x.shape
+    out = torch.empty_like(x)
+    if T == 0:
+        return out
+    if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("rms_norm needs rows contiguous along the hidden dimension")
+    res = residual if residual is not None else x
+    _rms_norm_kernel[(T,)](
+        x, res, weight, out, H, eps, x.stride(0), res.stride(0), out.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(H), num_warps=4 if H <= 4096 else 8,
+    )
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] of shape [T, 2I]; returns [T, I]."""
+    T, two_i = x.shape
+    inter = two_i // 2
+    out = torch.empty((T, inter), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    if x.stride(1) != 1:
+        raise ValueError("silu_and_mul needs rows contiguous along the feature dimension")
+    block = min(1024, triton.next_power_of_2(inter))
+    _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](x, out, inter, x.stride(0), out.stride(0), BLOCK=block)
+    return out

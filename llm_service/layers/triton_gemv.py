@@ -1,0 +1,93 @@
+"""A Triton GEMV for decode: y = x W^T with a handful of rows of x.
+
+At decode batch sizes a step reads every weight once, so a projection is as fast as its
+weight streams from HBM. cuBLAS picks tile shapes made for GEMMs and reaches ~2.6 TB/s
+of the H100's ~3.0 TB/s copy bandwidth on Llama-7B shapes (bench/gemv.py). Here every
+program owns BLOCK_N full rows of W and walks K in wide, fully coalesced BLOCK_K slices,
+so many independent loads are in flight per SM and nothing but W crosses the bus twice.
+
+One row of x accumulates an fp32 [BLOCK_N, BLOCK_K] product and reduces once at the end;
+2..16 rows use tl.dot (IEEE for fp32, so fp32 models stay exact to fp32 rounding).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+AVAILABLE: bool = triton is not None
+MAX_ROWS = 8  # beyond this a step is a GEMM: cuBLAS
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        if BLOCK_M == 1:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = k0 + rk < K
+                w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0)
+                acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            acc = tl.sum(acc2, axis=1)[None, :]
+        else:
+            rm = tl.arange(0, BLOCK_M)
+            x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = k0 + rk < K
+                w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x = tl.load(x_ptrs + k0, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        rm_out = tl.arange(0, BLOCK_M)
+        y_ptrs = y_ptr + rm_out[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm_out[:, None] < M) & n_ok[None, :])
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+         num_stages: int | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [M, K] with M <= MAX_ROWS; the keyword knobs exist
+    for bench/gemv.py's sweeps."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {M}")
+    if weight.stride(1) != 1:
+        raise ValueError("gemv needs a weight contiguous along K")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    # tiles from bench/gemv.py's sweep on an H100 (Llama-7B shapes, weights streamed from HBM)
+    if M == 1:
+        block_m, block_n, block_k = 1, block_n or 8, block_k or 1024
+        num_warps, num_stages = (8, 1) if num_warps is None else (num_warps, num_stages)
+    else:
+        block_m, block_n, block_k = 16, block_n or 32, block_k or 1024
+        num_warps, num_stages = (4, 3) if num_warps is None else (num_warps, num_stages)
+    if x.element_size() > 2 and block_m > 1:  # fp32 tiles of 1024 would overflow shared memory
+        block_k = min(block_k, 128)
+    block_k = min(block_k, triton.next_power_of_2(K))
+    _gemv_kernel[(triton.cdiv(N, block_n),)](
+        x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+    return y

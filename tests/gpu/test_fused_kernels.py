@@ -1,0 +1,97 @@
+"""The fused Triton kernels of a decoder layer against the torch paths they replace
+(skipped without CUDA or triton): residual + RMSNorm, SiLU * up, rotary + KV store, GEMV."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from llm_service.layers import attention as ref_attention  # noqa: E402
+from llm_service.layers.activation import SiluAndMul  # noqa: E402
+from llm_service.layers.norm import RMSNorm  # noqa: E402
+from llm_service.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
+from llm_service.layers.triton_attention import rope_store  # noqa: E402
+from llm_service.layers.triton_gemv import MAX_ROWS, gemv  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _ulps(dtype: torch.dtype) -> dict:
+    """Tolerance: the kernels sum in another order than torch, so a bf16 result may land
+    one rounding step away; fp32 results agree to a few ulps."""
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=8e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [4096, 96])
+def test_rms_norm_with_and_without_residual(dtype, hidden):
+    torch.manual_seed(0)
+    x = torch.randn(7, hidden, dtype=dtype, device="cuda")
+    res = torch.randn_like(x)
+    norm = RMSNorm(hidden, 1e-5).cuda().to(dtype)
+    norm.weight.data = torch.rand(hidden, device="cuda").to(dtype) + 0.5
+    want = norm(x)
+    want_out, want_res = norm(x, res)
+    assert norm.use_kernels()
+    torch.testing.assert_close(norm(x), want, **_ulps(dtype))
+    res_in = res.clone()
+    out, new_res = norm(x, res_in)
+    assert new_res.data_ptr() == res_in.data_ptr()  # updated in place
+    torch.testing.assert_close(new_res, want_res, atol=0, rtol=0)  # one rounding, same as torch
+    torch.testing.assert_close(out, want_out, **_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [11008, 40])
+def test_silu_and_mul(dtype, inter):
+    torch.manual_seed(0)
+    x = torch.randn(5, 2 * inter, dtype=dtype, device="cuda") * 3
+    act = SiluAndMul()
+    want = act(x)
+    assert act.use_kernels()
+    torch.testing.assert_close(act(x), want, **_ulps(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (8, 2), (3, 1)])
+def test_rope_store_equals_rotary_then_store(dtype, hq, hkv):
+    torch.manual_seed(0)
+    d, page, T = 128 if hq == 32 else 64, 16, 9
+    rotary = RotaryEmbedding(d, 4096, {"rope_theta": 10000.0}).cuda()
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, dtype=dtype, device="cuda")
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)  # strided views, as the model has them
+    q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)
+    positions = torch.tensor([0, 1, 2, 17, 300, 301, 4000, 5, 6], device="cuda")
+    slots = torch.tensor([3, 4, 5, -1, 40, 41, 63, 0, 1], device="cuda")
+    rope = rotary(positions)
+    cache = dict(size=(4, page, hkv, d), dtype=dtype, device="cuda")
+    k_want, v_want = torch.zeros(**cache), torch.zeros(**cache)
+    q_want, k_rot = apply_rotary(q, k, *rope.gather())
+    ref_attention.store_kvcache(k_rot, v, k_want, v_want, slots)
+    k_got, v_got = torch.zeros(**cache), torch.zeros(**cache)
+    q_got = rope_store(q, k, v, rope, k_got, v_got, slots)
+    exact = dict(atol=0, rtol=0) if dtype == torch.bfloat16 else _ulps(dtype)  # bf16: the same roundings
+    torch.testing.assert_close(q_got, q_want, **exact)
+    torch.testing.assert_close(k_got, k_want, **exact)
+    assert torch.equal(v_got, v_want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", list(range(1, MAX_ROWS + 1)))
+@pytest.mark.parametrize("n,k", [(4096, 4096), (100, 300), (64, 11008)])
+def test_gemv_equals_linear(dtype, rows, n, k):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, dtype=dtype, device="cuda")
+    w = torch.randn(n, k, dtype=dtype, device="cuda") * k**-0.5
+    b = torch.randn(n, dtype=dtype, device="cuda")
+    want = F.linear(x.double(), w.double(), b.double())
+    got = gemv(x, w, b)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=1e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    with pytest.raises(ValueError, match="at most"):
+        gemv(torch.randn(MAX_ROWS + 1, k, dtype=dtype, device="cuda"), w)
