@@ -352,6 +352,40 @@ def test_cancel_mid_stream_frees_every_block(engine, prompts):
     assert_all_free(engine)
 
 
+def test_decode_runs_a_step_ahead_of_the_host(tiny_llava, vision, prompts, monkeypatch):
+    """Decodes launch the next step before the previous ids reach the host (ids taken on
+    the device). Tokens stay HF's; a stop met meanwhile wastes that one row; block
+    boundaries and prefix-cache commits of generated blocks stay right."""
+    from llm_service.engine.llm_engine import LLMEngine
+
+    ahead: list[bool] = []
+    launch_ahead = LLMEngine._launch_ahead
+
+    def spy(self, prev):
+        launched = launch_ahead(self, prev)
+        ahead.append(launched is not None)
+        return launched
+
+    monkeypatch.setattr(LLMEngine, "_launch_ahead", spy)
+    eng = _engine(tiny_llava, vision, block_size=4, enable_prefix_caching=True)
+    try:
+        prompt, ref = prompts["one image"]
+        result = run(collect(eng, request(prompt.segments, output_logits="generation")))
+        assert_matches(result, prompt, ref)
+        assert sum(ahead) >= len(ref.tokens) - 2
+        i = next(i for i in range(1, len(ref.tokens) - 1) if ref.tokens[i] not in ref.tokens[:i])
+        stopped = run(collect(eng, request(prompt.segments, stop_token_ids=[ref.tokens[i]])))
+        assert stopped.tokens == ref.tokens[: i + 1] and stopped.finish == "stop"
+        again = run(collect(eng, request(prompt.segments)))  # the cached generated blocks are right
+        assert again.tokens == ref.tokens and again.usage.cached_tokens > 0
+        before = len(ahead)
+        run(collect(eng, request(prompt.segments, repetition_penalty=1.3)))
+        assert len(ahead) == before  # a penalty reads the ids so far: no step runs ahead of them
+        assert_all_free(eng)
+    finally:
+        eng.close()
+
+
 def test_bad_requests_raise_value_error_before_any_token(engine, prompts):
     ok = prompts["chat"][0].segments
     cases = {

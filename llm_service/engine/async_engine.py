@@ -172,6 +172,7 @@ class AsyncLLMEngine:
         self._flush()
         for seq in [*self.engine.scheduler.running, *self.engine.scheduler.waiting]:
             self.engine.abort(seq)
+        self.engine.reset()
         self.engine.close()  # the engine thread is gone: no step can race the workers' shutdown
 
     # ---- engine thread ----
@@ -203,6 +204,7 @@ class AsyncLLMEngine:
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a failed step fails its requests, not the server
+                self.engine.reset()
                 self._fail_all(exc)
                 outputs = []
             for out in outputs:

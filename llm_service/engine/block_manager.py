@@ -98,10 +98,12 @@ class BlockManager:
         seq.block_hashes = []
 
     def commit(self, seq: Sequence) -> None:
-        """Hash the blocks seq has newly filled with computed K/V, making them findable."""
+        """Hash the blocks seq has newly filled with computed K/V, making them findable.
+        A step launched ahead computes a position whose id is not on the host yet: only
+        blocks whose ids are all known count."""
         if not self.prefix_caching:
             return
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
+        for i in range(len(seq.block_hashes), min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size):
             prev = seq.block_hashes[-1] if seq.block_hashes else b""
             h = _chain(prev, seq.block_content(i, self.block_size))
             seq.block_hashes.append(h)

@@ -16,10 +16,28 @@ from llm_service.distributed.launcher import WorkerGroup
 from llm_service.engine.block_manager import BlockManager
 from llm_service.engine.model_runner import ModelRunner
 from llm_service.engine.sampler import SamplingBatch, argmax_only, sample
-from llm_service.engine.scheduler import Scheduler
+from llm_service.engine.scheduler import Scheduled, Scheduler
 from llm_service.engine.sequence import Sequence, Status
 from llm_service.models.loader import read_spec
 from vision_service.devices import DTYPES, resolve_device
+
+def _can_run_ahead(seqs: list[Sequence]) -> bool:
+    """Whether the next step may be sampled before this one's ids reach the host: not when
+    a repetition penalty reads the ids so far, or min_new_tokens counts them."""
+    return all(s.params.repetition_penalty == 1.0 and not s.params.min_new_tokens for s in seqs)
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose sampled ids are not read yet."""
+
+    batch: list[Scheduled]
+    sampling: list[Sequence]  # the rows that sample, in logits order
+    tokens: torch.Tensor | None  # int64 [len(sampling)] on the device
+    host: torch.Tensor | None  # their copy on the host (pinned on CUDA; valid after `event`)
+    event: torch.cuda.Event | None
+    logits: torch.Tensor | None  # float32 [len(sampling), vocab], kept when a row asked for them
+
 
 @dataclass
 class StepOutput:
@@ -59,6 +77,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.max_batch_size, config.max_prefill_token_num)
         self.eos_token_ids = self.spec.eos_token_ids
+        self.inflight: _Launched | None = None
 
     def on_worker_failure(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)` from a watchdog thread if a tensor-parallel worker dies."""
@@ -94,9 +113,18 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.inflight is not None or self.scheduler.has_work()
 
     def step(self) -> list[StepOutput]:
+        """Advance by one forward. A launched step's tokens are read back one call later
+        when the next step can be launched without them: pure greedy decodes take their
+        input ids straight from the previous step's sampled ids on the device, so the host
+        reads, delivers and schedules while the GPU already runs the next step."""
+        if self.inflight is not None:
+            ahead = self._launch_ahead(self.inflight)
+            outputs = self._complete(self.inflight)
+            self.inflight = ahead
+            return outputs
         batch, too_big = self.scheduler.schedule()
         outputs = []
         for seq in too_big:  # its tokens so far no longer fit in the whole cache
@@ -104,9 +132,21 @@ class LLMEngine:
             outputs.append(StepOutput(seq, None, None, "length"))
         if not batch:
             return outputs
+        launched = self._launch(batch)
+        if launched.sampling and all(item.samples for item in batch) and _can_run_ahead(launched.sampling):
+            self.inflight = launched  # completed by the next call, after launching the one after it
+            return outputs
+        return outputs + self._complete(launched)
+
+    def reset(self) -> None:
+        """Forget a launched step (after a failed step, or when closing)."""
+        self.inflight = None
+
+    def _launch(self, batch: list[Scheduled], input_ids: torch.Tensor | None = None) -> _Launched:
+        """Forward + sampling queued on the device; the sampled ids start their copy home."""
         if self.workers is not None:
             self.workers.check()
-        logits = self.runner.run(batch)
+        logits = self.runner.run(batch, input_ids)
         sampling = []
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
@@ -116,23 +156,62 @@ class LLMEngine:
             for item in batch:
                 self.blocks.commit(item.seq)
         if not sampling:
-            return outputs
-        tokens = self.sample(logits, sampling)
-        for row, (seq, token) in enumerate(zip(sampling, tokens)):
+            return _Launched(batch, [], None, None, None, None)
+        tokens = self._sample(logits, sampling)
+        if any(seq.params.output_logits for seq in sampling):
+            logits = logits.clone()  # the graphs' output buffer is overwritten by the next replay
+        else:
+            logits = None
+        if self.device.type != "cuda":
+            return _Launched(batch, sampling, tokens, tokens, None, logits)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Launched(batch, sampling, tokens, host, event, logits)
+
+    def _launch_ahead(self, prev: _Launched) -> _Launched | None:
+        """The next decode of every sequence `prev` samples, launched before prev's ids
+        reach the host; None when that step is not the scheduler's next one (requests
+        waiting, a sequence not in prev, a length limit reached, no free block)."""
+        seqs = prev.sampling
+        if not seqs or self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
+            return None
+        for seq in seqs:  # prev's token makes len(token_ids) + 1 positions
+            if (seq.status != Status.RUNNING or len(seq.token_ids) + 1 >= seq.max_len
+                    or not self.blocks.can_grow(seq, seq.num_computed_tokens + 1)):
+                return None
+        for seq in seqs:
+            self.blocks.grow(seq, seq.num_computed_tokens + 1)
+        return self._launch([Scheduled(seq, 1, True) for seq in seqs], input_ids=prev.tokens)
+
+    def _complete(self, launched: _Launched) -> list[StepOutput]:
+        """Read the sampled ids back (the step's one sync), append them, retire the done."""
+        if not launched.sampling:
+            return []
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens = launched.host.tolist()
+        outputs = []
+        for row, (seq, token) in enumerate(zip(launched.sampling, tokens)):
+            if seq.status == Status.FINISHED:  # aborted, or stopped while this step ran ahead
+                continue
             seq.token_ids.append(token)
+            if self.blocks.prefix_caching:
+                self.blocks.commit(seq)
             reason = self._stop_reason(seq, token)
             if reason is not None:
                 self.scheduler.finish(seq, reason)
-            row_logits = logits[row] if seq.params.output_logits else None
+            row_logits = launched.logits[row] if seq.params.output_logits else None
             outputs.append(StepOutput(seq, token, row_logits, reason))
         return outputs
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """The next token of each row, read back to the host (the step's one sync)."""
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """The next token of each row, int64 on the device (no sync)."""
         if argmax_only(seqs):  # nothing to build or copy for the sampler
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         params = SamplingBatch.build(seqs, self.eos_token_ids, self.spec.args.vocab_size, self.device)
-        return sample(logits, params).tolist()
+        return sample(logits, params)
 
     @staticmethod
     def _stop_reason(seq: Sequence, token: int) -> str | None:

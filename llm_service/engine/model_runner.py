@@ -75,8 +75,10 @@ class ModelRunner:
             raise RuntimeError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after weights)")
         return num
 
-    def prepare(self, batch: list[Scheduled]) -> PackedStep:
-        """Rank 0, host side: the step's tensors, packed and copied to the device."""
+    def prepare(self, batch: list[Scheduled], input_ids: torch.Tensor | None = None) -> PackedStep:
+        """Rank 0, host side: the step's tensors, packed and copied to the device.
+        `input_ids` (int64 [T], on the device): the ids of a decode-only batch whose last
+        ids are not on the host yet (the previous step's samples); copied in on the device."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -91,7 +93,7 @@ class ModelRunner:
             end = start + item.num_tokens
             table = seq.block_table
             if item.num_tokens == 1:  # a decode: no slices, no ranges
-                ids.append(seq.token_ids[start])
+                ids.append(0 if input_ids is not None else seq.token_ids[start])
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -114,12 +116,15 @@ class ModelRunner:
         if image_rows:  # in the model's dtype: the workers receive them at that dtype
             rows = (image_rows[0] if len(image_rows) == 1 else torch.cat(image_rows)).to(self.dtype).contiguous()
             rows = rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
-        return PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
+        step = PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
                                 self.device)
+        if input_ids is not None:
+            step.ints[: len(ids)].copy_(input_ids)
+        return step
 
-    def run(self, batch: list[Scheduled]) -> torch.Tensor:
+    def run(self, batch: list[Scheduled], input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Rank 0: one step over the batch; float32 logits [n_sampling, vocab], in batch order."""
-        step = self.prepare(batch)
+        step = self.prepare(batch, input_ids)
         if tp_size() > 1:
             send_step(step)
         return self.forward(step.unpack())
