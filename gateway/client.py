@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from contextlib import aclosing
 from typing import AsyncIterator
 
 import grpc
@@ -28,7 +29,12 @@ class GatewayClient:
         self._channel = channel(self.target)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
-    def _request(self, messages, gen_config, template_override, request_id) -> gateway_pb2.ChatRequest:
+    def prepare(self, messages: list[dict], gen_config: GenerationConfig | None = None,
+                template_override: ChatTemplateConfig | None = None, do_preprocess: bool = True,
+                request_id: str | None = None) -> gateway_pb2.ChatRequest:
+        """ChatService.prepare's counterpart: the request, local images read and encoded (blocking)."""
+        if not do_preprocess:
+            raise ValueError("do_preprocess=False is not supported through a gateway")
         request = gateway_pb2.ChatRequest(messages=messages_to_proto(messages),
                                           gen_config=gen_config_to_proto(gen_config or GenerationConfig()),
                                           request_id=request_id or uuid.uuid4().hex)
@@ -40,9 +46,13 @@ class GatewayClient:
     async def stream(self, messages: list[dict], gen_config: GenerationConfig | None = None,
                      template_override: ChatTemplateConfig | None = None, index: int = 0,
                      do_preprocess: bool = True, request_id: str | None = None) -> AsyncIterator[Response]:
-        if not do_preprocess:
-            raise ValueError("do_preprocess=False is not supported through a gateway")
-        request = await asyncio.to_thread(self._request, messages, gen_config, template_override, request_id)
+        request = await asyncio.to_thread(self.prepare, messages, gen_config, template_override, do_preprocess,
+                                          request_id)
+        async with aclosing(self.stream_prepared(request, index)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def stream_prepared(self, request: gateway_pb2.ChatRequest, index: int = 0) -> AsyncIterator[Response]:
         call = self._stub.ChatStream(request)
         try:
             async for reply in call:

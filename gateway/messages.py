@@ -190,30 +190,31 @@ def _fingerprint(image: Image.Image) -> int:
 _ENCODED = EncodedImages()
 
 
+def _encoded(source) -> tuple[bytes, str]:
+    if isinstance(source, Image.Image):
+        return _ENCODED.encode(source)
+    data = source if isinstance(source, bytes) else read_image_bytes(source)
+    probe_image(data, describe(source))
+    return data, hashlib.sha256(data).hexdigest()
+
+
 def encode_image(source) -> common_pb2.ImageInput:
     """Encoded bytes and their sha256: the original file for URLs, data URLs, paths and
     bytes, a lossless encoding for PIL images. Of the original files only the header is read
     here (what is no image fails now, naming its source); the vision tier decodes the pixels
     and rejects corrupt ones itself, so they are not decoded twice."""
-    if isinstance(source, Image.Image):
-        data, sha256 = _ENCODED.encode(source)
-        return common_pb2.ImageInput(data=data, sha256=sha256)
-    data = source if isinstance(source, bytes) else read_image_bytes(source)
-    probe_image(data, describe(source))
-    return common_pb2.ImageInput(data=data, sha256=hashlib.sha256(data).hexdigest())
+    data, sha256 = _encoded(source)
+    return common_pb2.ImageInput(data=data, sha256=sha256)
 
 
 def _options(part: dict) -> dict[str, str]:
     return {str(k): str(v) for k, v in part["image_url"].items() if k != "url"}
 
 
-def load_images(parts: list[dict]) -> list[common_pb2.ImageInput]:
-    """Fetch / encode the images, several side by side (URLs may be slow)."""
+def load_images(parts: list[dict]) -> list[tuple[bytes, str]]:
+    """(bytes, sha256) of each image (see encode_image), several side by side (URLs may be slow)."""
     sources = [p["image_url"]["url"] for p in parts]
-    images = list(_LOADERS.map(encode_image, sources)) if len(sources) > 1 else [encode_image(s) for s in sources]
-    for image, part in zip(images, parts):
-        image.options.update(_options(part))
-    return images
+    return list(_LOADERS.map(_encoded, sources)) if len(sources) > 1 else [_encoded(s) for s in sources]
 
 
 def build_request(messages: list[dict], template: ChatTemplate, tokenizer: Tokenizer,
@@ -235,17 +236,17 @@ def build_request(messages: list[dict], template: ChatTemplate, tokenizer: Token
     if image_id is not None and ids.count(image_id) != len(parts):
         raise ValueError(f"the prompt text contains the model's image token {tokenizer.image_token!r}; "
                          f"mark images with {IMAGE_TOKEN} or image parts instead")
-    images = iter(load_images(parts))
+    images = load_images(parts)
     request = llm_pb2.GenerateRequest(request_id=request_id or uuid.uuid4().hex, sampling=sampling)
-    text: list[int] = []
-    for token_id in ids:
-        if token_id == image_id:
-            if text:
-                request.segments.add().text.token_ids.extend(text)
-                text = []
-            request.segments.add().image.image.CopyFrom(next(images))
-        else:
-            text.append(token_id)
-    if text:
-        request.segments.add().text.token_ids.extend(text)
+    start = 0
+    for (data, sha256), part in zip(images, parts):  # the text between image ids goes as slices
+        at = ids.index(image_id, start)
+        if at > start:
+            request.segments.add().text.token_ids.extend(ids[start:at])
+        image = request.segments.add().image.image  # filled in place: the bytes are copied once
+        image.data, image.sha256 = data, sha256
+        image.options.update(_options(part))
+        start = at + 1
+    if start < len(ids):
+        request.segments.add().text.token_ids.extend(ids[start:])
     return request

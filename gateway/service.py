@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import numpy as np
@@ -35,6 +37,16 @@ def logits_to_numpy(tensor: common_pb2.Tensor, rows: int) -> np.ndarray | None:
     return np.frombuffer(tensor.data, dtype="<f4").reshape(rows, -1).copy()
 
 
+@dataclass
+class PreparedChat:
+    """One conversation ready for the LLM tier: the request, and how its stream is cut."""
+
+    request: llm_pb2.GenerateRequest
+    gen_config: GenerationConfig
+    stop_ids: set[int]
+    stop_words: list[str]
+
+
 class ChatService:
     def __init__(self, model_path: str, llm, chat_template_config: ChatTemplateConfig | None = None):
         self.model_path = str(model_path)
@@ -50,21 +62,37 @@ class ChatService:
             return RAW_TEMPLATE
         return self.template if override is None else get_template(override, self.model_path, self.tokenizer)
 
+    def prepare(self, messages: list[dict], gen_config: GenerationConfig | None = None,
+                template_override: ChatTemplateConfig | None = None, do_preprocess: bool = True,
+                request_id: str | None = None) -> PreparedChat:
+        """Render, tokenize and load the images of one normalized conversation. Blocking
+        (images may be fetched): `stream` runs it on the loop's executor; a caller with a
+        thread of its own to spare (the embedded pipeline) runs it there, two hops fewer."""
+        gen_config = gen_config or GenerationConfig()
+        template = self._template(template_override, do_preprocess)
+        request = build_request(messages, template, self.tokenizer, gen_config, request_id or uuid.uuid4().hex)
+        stop_ids = set(request.sampling.stop_token_ids)
+        if not gen_config.ignore_eos:
+            stop_ids.update(self.tokenizer.eos_token_ids)
+        stop_words = [*gen_config.template_stop_words(template.stop_words), *(gen_config.stop_words or [])]
+        return PreparedChat(request, gen_config, stop_ids, stop_words)
+
     async def stream(self, messages: list[dict], gen_config: GenerationConfig | None = None,
                      template_override: ChatTemplateConfig | None = None, index: int = 0,
                      do_preprocess: bool = True, request_id: str | None = None) -> AsyncIterator[Response]:
         """Delta Responses for one normalized conversation: new text and ids each,
         the running generate_token_len, and the finish reason on the last one."""
-        gen_config = gen_config or GenerationConfig()
-        template = self._template(template_override, do_preprocess)
-        request = await asyncio.to_thread(build_request, messages, template, self.tokenizer, gen_config,
-                                          request_id or uuid.uuid4().hex)
-        stop_ids = set(request.sampling.stop_token_ids)
-        if not gen_config.ignore_eos:
-            stop_ids.update(self.tokenizer.eos_token_ids)
+        prepared = await asyncio.to_thread(self.prepare, messages, gen_config, template_override, do_preprocess,
+                                           request_id)
+        async with aclosing(self.stream_prepared(prepared, index)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def stream_prepared(self, prepared: PreparedChat, index: int = 0) -> AsyncIterator[Response]:
+        """`stream` for a conversation `prepare` already made ready."""
+        request, gen_config, stop_ids = prepared.request, prepared.gen_config, prepared.stop_ids
         detok = IncrementalDetokenizer(self.tokenizer, gen_config.skip_special_tokens)
-        stops = StopStrings([*gen_config.template_stop_words(template.stop_words), *(gen_config.stop_words or [])],
-                            gen_config.include_stop_str_in_output)
+        stops = StopStrings(prepared.stop_words, gen_config.include_stop_str_in_output)
         input_len, generated, finish, hit_stop_token = 0, 0, None, False
         wants_logits = gen_config.output_logits is not None
         stream = self.llm.generate(request)

@@ -92,7 +92,9 @@ class Tokenizer:
         return self._tok.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch_fast (tokenizers >= 0.20): the same ids without the character offsets
+        # `encode` spends ~40% of its time on, and the GIL released while it works.
+        return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_prompt(self, prompt: str) -> list[int]:
         """A rendered chat prompt: special tokens on, unless the template already wrote

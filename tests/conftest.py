@@ -42,6 +42,15 @@ def image_server(tmp_path_factory):
     server.server_close()
 
 
+@pytest.fixture(scope="module")
+def embedded(tiny_llava):
+    """The embedded pipeline over the tiny checkpoint, one per test module."""
+    from gateway import pipeline
+
+    with pipeline(str(tiny_llava)) as pipe:
+        yield pipe
+
+
 @pytest.fixture(scope="session")
 def split_tiers(tiny_llava, tmp_path_factory):
     """vision, llm and gateway as three processes on loopback, shared by the session's tests."""

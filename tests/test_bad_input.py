@@ -105,13 +105,6 @@ def test_cancel_mid_stream_frees_kv_blocks(split_tiers):
     _assert_healthy(split_tiers)
 
 
-@pytest.fixture(scope="module")
-def embedded(tiny_llava):
-    pipe = pipeline(str(tiny_llava))
-    yield pipe
-    pipe.close()
-
-
 def test_python_bad_input_is_value_error(embedded, tiny_llava):
     image = make_image(3)
     cases = [

@@ -33,13 +33,6 @@ def _check(response, ref) -> None:
 
 
 @pytest.fixture(scope="module")
-def embedded(tiny_llava):
-    pipe = pipeline(str(tiny_llava))
-    yield pipe
-    pipe.close()
-
-
-@pytest.fixture(scope="module")
 def split(split_tiers):
     pipe = pipeline(f"grpc://{split_tiers.gateway}")
     yield pipe

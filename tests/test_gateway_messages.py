@@ -11,6 +11,7 @@ from PIL import Image
 
 from gateway.config import GenerationConfig
 from gateway.messages import build_request, normalize_messages, normalize_prompts
+from gateway.service import RAW_TEMPLATE
 from gateway.templates import get_template
 from gateway.tokenizer import Tokenizer
 from gateway.vl.constants import IMAGE_TOKEN
@@ -175,3 +176,22 @@ def test_sampling_rides_along(tok):
     assert request.sampling.max_new_tokens == 7
     assert list(request.sampling.stop_token_ids) == [tok.eos_token_id, 9]  # '</s>' is one token
     assert request.request_id
+
+
+def test_segments_split_at_every_image(tok):
+    """Images first, side by side and last: each is its own segment, with its options, and
+    the text between them goes whole."""
+    messages = normalize_messages([{"role": "user", "content": [
+        {"type": "text", "text": f"{IMAGE_TOKEN}{IMAGE_TOKEN} tiger {IMAGE_TOKEN}"},
+        {"type": "image_url", "image_url": {"url": IMG, "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": IMG2}},
+        {"type": "image_url", "image_url": {"url": IMG, "detail": "high"}}]}])
+    request = build_request(messages, RAW_TEMPLATE, tok)
+    kinds = [s.WhichOneof("kind") for s in request.segments]
+    assert kinds == ["text", "image", "image", "text", "image"]
+    ids, _ = _flatten(request, tok.image_token_id)
+    assert ids == tok.encode("<image><image> tiger <image>")
+    images = [s.image.image for s in request.segments if s.WhichOneof("kind") == "image"]
+    assert [dict(i.options) for i in images] == [{"detail": "low"}, {}, {"detail": "high"}]
+    assert images[0].data == images[2].data and images[0].sha256 == images[2].sha256 != images[1].sha256
+    assert all(hashlib.sha256(i.data).hexdigest() == i.sha256 for i in images)

@@ -97,6 +97,28 @@ def test_stream_and_chat_agree(tiny_llava, tok):
     assert whole.input_token_len == service.llm._input_tokens(first) > IMAGE_ROWS
 
 
+def test_a_prepared_conversation_streams_as_stream_does(tiny_llava, tok):
+    """prepare (what the embedded pipeline runs on the caller's thread) sends nothing; its
+    request then streams the same deltas, stop strings included, as `stream`."""
+    script = words(tok, " the quick brown fox jumps over the lazy dog")
+    llm = FakeLLM(script, chunk=2)
+    service = ChatService(str(tiny_llava), llm)
+    prompt = ("describe this image", make_image(1))
+    gen = GenerationConfig(max_new_tokens=8, stop_words=["fox"])
+    streamed = run(_deltas(service, prompt, gen, request_id="r"))
+    prepared = service.prepare(normalize_messages(prompt), gen, request_id="r")
+    assert len(llm.requests) == 1
+
+    async def deltas():
+        return [d async for d in service.stream_prepared(prepared, index=3)]
+
+    again = run(deltas())
+    assert [(d.text, d.token_ids, d.finish_reason, d.index) for d in again] == \
+        [(d.text, d.token_ids, d.finish_reason, 3) for d in streamed]
+    assert "".join(d.text for d in again) == " the quick brown " and again[-1].finish_reason == "stop"
+    assert llm.requests[1] == llm.requests[0]
+
+
 def test_eos_is_not_returned(tiny_llava, tok):
     script = words(tok, " a tiger") + [2] + words(tok, " never")
     service = ChatService(str(tiny_llava), FakeLLM(script, chunk=3))
