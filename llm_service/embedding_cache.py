@@ -1,8 +1,9 @@
 """LRU cache of image embeddings, keyed by the image's sha256 (and processor options).
 
 A multi-turn chat re-sends its images on every turn; a hit skips the vision tier
-entirely. Shared by every caller of the engine, whatever thread or event loop they
-run on, hence the lock.
+entirely, and the sha256 the sender claims is checked against the bytes it already
+verified instead of hashed again. Shared by every caller of the engine, whatever
+thread or event loop they run on, hence the locks.
 """
 from __future__ import annotations
 
@@ -14,13 +15,52 @@ from protos import common_pb2
 from vision_service.types import ImageEmbedding
 
 
+class VerifiedDigests:
+    """sha256 digests computed lately, each with the bytes it was computed from. A re-sent
+    image (every turn of a chat re-sends the conversation's images) is then checked against
+    its claimed digest by comparing bytes instead of hashing them again (a 336 px image's
+    340 kB: ~10 µs instead of ~210 µs). Equal bytes have equal digests, so the answer is
+    the one hashing gives. Holds at most `max_bytes` of images, least recently used out first."""
+
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, bytes] = OrderedDict()  # digest -> the bytes it was computed from
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def digest(self, data: bytes, claimed: str = "") -> str:
+        """sha256 hex digest of `data`; `claimed` (lower case) is what the sender said it is."""
+        with self._lock:
+            known = self._entries.get(claimed) if claimed else None
+            if known is not None:
+                self._entries.move_to_end(claimed)
+        if known is not None and known == data:
+            return claimed
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) <= self.max_bytes:
+            with self._lock:
+                old = self._entries.pop(digest, None)
+                self._bytes += len(data) - (len(old) if old is not None else 0)
+                self._entries[digest] = data
+                while self._bytes > self.max_bytes:
+                    self._bytes -= len(self._entries.popitem(last=False)[1])
+        return digest
+
+
+_VERIFIED = VerifiedDigests()
+
+
 def image_key(image: common_pb2.ImageInput) -> str:
     """The cache key of an image: its verified sha256 (computed when not given), plus its
     options when it has any (the same bytes processed differently embed differently).
     Raises ValueError when a given sha256 does not match the bytes."""
     given = image.sha256.lower()
-    if image.data:
-        digest = hashlib.sha256(image.data).hexdigest()
+    data = image.data  # a copy per read
+    if data:
+        digest = _VERIFIED.digest(data, given)
         if given and given != digest:
             raise ValueError(f"image sha256 {image.sha256!r} does not match its bytes (sha256 {digest})")
     elif given:
