@@ -368,6 +368,8 @@ def test_decode_runs_a_step_ahead_of_the_host(tiny_llava, vision, prompts, monke
 
     monkeypatch.setattr(LLMEngine, "_launch_ahead", spy)
     eng = _engine(tiny_llava, vision, block_size=4, enable_prefix_caching=True)
+    assert not eng.engine.run_ahead  # on CPU only on request: the forward itself is host time there
+    eng.engine.run_ahead = True
     try:
         prompt, ref = prompts["one image"]
         result = run(collect(eng, request(prompt.segments, output_logits="generation")))

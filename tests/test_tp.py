@@ -113,8 +113,18 @@ def test_embedded_tp2_matches_tp1_and_transformers(tiny_llava, references, tp1, 
         pipe.close()
 
 
-def test_embedded_tp4_replicates_kv_heads(tiny_llava, references, tp1):
-    """4 ranks over 2 KV heads (each held by two ranks); the tiny vocabulary (489) pads the last shard."""
+def test_embedded_tp4_replicates_kv_heads(tiny_llava, references, tp1, monkeypatch):
+    """4 ranks over 2 KV heads (each held by two ranks); the tiny vocabulary (489) pads the last shard.
+    Decodes run a step ahead here (as on CUDA): the workers get ids sampled on rank 0's device."""
+    from llm_service.engine.llm_engine import LLMEngine
+
+    init = LLMEngine.__init__
+
+    def init_running_ahead(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.run_ahead = True
+
+    monkeypatch.setattr(LLMEngine, "__init__", init_running_ahead)
     _check(_run(str(tiny_llava), tp=4, device="cpu"), references, baseline=tp1)
 
 

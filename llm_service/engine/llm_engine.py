@@ -78,6 +78,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, self.max_batch_size, config.max_prefill_token_num)
         self.eos_token_ids = self.spec.eos_token_ids
         self.inflight: _Launched | None = None
+        # Running ahead hides the host's per-step work behind the GPU's; where the forward
+        # itself runs on the host (CPU) it would only hand each token out one step later.
+        self.run_ahead = self.device.type == "cuda"
 
     def on_worker_failure(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)` from a watchdog thread if a tensor-parallel worker dies."""
@@ -133,7 +136,7 @@ class LLMEngine:
         if not batch:
             return outputs
         launched = self._launch(batch)
-        if launched.sampling and all(item.samples for item in batch) and _can_run_ahead(launched.sampling):
+        if self.run_ahead and launched.sampling and all(item.samples for item in batch) and _can_run_ahead(launched.sampling):
             self.inflight = launched  # completed by the next call, after launching the one after it
             return outputs
         return outputs + self._complete(launched)
