@@ -456,21 +456,47 @@ def w3_multiturn(pipe, inputs: Inputs, counts: Counts) -> dict:
     return {"ttft1_ms": 1e3 * ttft1, "ttft2_ms": 1e3 * ttft2, "ratio": ttft1 / ttft2}
 
 
-def profile_w1(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
-    """One W1 request under torch.profiler: the kernels that make up a step, by device time,
-    printed and written to OUT/profile_w1.txt (where the bs=1 step time goes)."""
+def _profiled(name: str, run, out: Path) -> None:
+    """`run()` under torch.profiler: kernels by device time and host ops by host time,
+    printed and written to OUT/profile_{name}.txt."""
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    tables = [f"{name}: {wall * 1e3:.1f} ms wall under the profiler"]
+    if torch.cuda.is_available():
+        tables.append(events.table(sort_by="self_cuda_time_total", row_limit=30))
+    tables.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
+    text = "\n\n".join(tables)
+    (out / f"profile_{name}.txt").write_text(text)
+    print(text, flush=True)
+
+
+def profile_w1(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
+    """One W1 request: the kernels that make up a decode step (where the bs=1 step time goes)."""
     from gateway import GenerationConfig
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)
-    with profile(activities=activities) as prof:
-        stream(pipe, [inputs.w1[0]], gen)
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=30)
-    (out / "profile_w1.txt").write_text(table)
-    print(table, flush=True)
+    _profiled("w1", lambda: stream(pipe, [inputs.w1[0]], gen), out)
+
+
+def profile_w3(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
+    """W3's turn 2 up to its first token (max_new_tokens 1): where the follow-up's TTFT goes."""
+    from gateway import GenerationConfig
+
+    text, image = inputs.w3[0]
+    turn1 = [{"role": "user", "content": [{"type": "text", "text": text},
+                                          {"type": "image_url", "image_url": {"url": image}}]}]
+    answer = stream(pipe, [turn1], GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True))[0][0]
+    turn2 = turn1 + [{"role": "assistant", "content": answer.text},
+                     {"role": "user", "content": "What else can you see in the picture?"}]
+    gen = GenerationConfig(max_new_tokens=1, ignore_eos=True)
+    stream(pipe, [turn2], gen)  # warm: the same path once before it is traced
+    _profiled("w3_turn2", lambda: stream(pipe, [turn2], gen), out)
 
 
 def run_prism(report: Report, path: Path, args, counts: Counts, inputs: Inputs, ceiling: float) -> dict | None:
@@ -490,7 +516,10 @@ def run_prism(report: Report, path: Path, args, counts: Counts, inputs: Inputs, 
                 report.put("prism.W1", w1_latency(pipe, inputs, counts, ceiling))
         if args.profile:
             with report.stage("prism.profile"):
-                profile_w1(pipe, inputs, counts, args.out)
+                if "W1" in args.workloads:
+                    profile_w1(pipe, inputs, counts, args.out)
+                if "W3" in args.workloads:
+                    profile_w3(pipe, inputs, counts, args.out)
         if "W2" in args.workloads:
             with report.stage("prism.W2"):
                 report.put("prism.W2", w2_throughput(pipe, inputs, counts, embedded_vision_reader(pipe)))
@@ -812,7 +841,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers (and the bf16 logits check)")
     parser.add_argument("--hf-modes", default="eager,compile", help="transformers paths to time")
     parser.add_argument("--skip-tiny-check", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="also profile one W1 request (kernels by device time)")
+    parser.add_argument("--profile", action="store_true", help="also profile one W1 request and W3's turn 2 (kernels by device time, host ops by host time)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and small counts (CPU smoke test)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--ckpt-root", type=Path, default=Path(os.environ.get("PRISM_BENCH_CKPT", "/tmp/prism-bench")),
