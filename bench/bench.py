@@ -432,9 +432,37 @@ def w2_throughput(pipe, inputs: Inputs, counts: Counts, vision_read) -> dict:
     traces, wall, start = stream(pipe, inputs.w2, gen)
     tokens = sum(t.tokens for t in traces)
     ttfts = sorted(t.first for t in traces)
-    return {"output_tok_s": tokens / wall, "requests_s": len(traces) / wall, "wall_s": wall, "tokens": tokens,
-            "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
-            "vision": watch.result(start)}
+    out = {"output_tok_s": tokens / wall, "requests_s": len(traces) / wall, "wall_s": wall, "tokens": tokens,
+           "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
+           "vision": watch.result(start)}
+    engine = getattr(getattr(pipe, "_service", None), "llm", None)
+    if hasattr(engine, "engine"):  # embedded: the engine's own step log tells the schedule
+        out["steps"] = schedule_summary(engine.engine.step_log, start, start + wall)
+        print(f"[bench] W2 schedule: {out['steps']}", flush=True)
+    return out
+
+
+def schedule_summary(log, start: float, end: float) -> dict:
+    """Steps launched in [start, end]: how many mixed prefill in, for how long, and the
+    pure-decode steps' batch size and duration (a step lasts until the next launch)."""
+    steps = [r for r in list(log) if start <= r.launched_at <= end]
+    if not steps:
+        return {}
+    ends = [r.launched_at for r in steps[1:]] + [end]
+    prefill = [(r, e - r.launched_at) for r, e in zip(steps, ends) if r.prefill_tokens]
+    decode = [(r, e - r.launched_at) for r, e in zip(steps, ends) if not r.prefill_tokens]
+    return {
+        "steps": len(steps),
+        "first_step_s": steps[0].launched_at - start,
+        "prefill_steps": len(prefill),
+        "prefill_tokens": sum(r.prefill_tokens for r, _ in prefill),
+        "prefill_step_s": sum(d for _, d in prefill),
+        "last_prefill_at_s": (prefill[-1][0].launched_at - start) if prefill else None,
+        "decode_steps": len(decode),
+        "decode_step_s": sum(d for _, d in decode),
+        "decode_rows_mean": statistics.fmean(r.decode_rows for r, _ in decode) if decode else 0,
+        "max_running": max(r.running for r in steps),
+    }
 
 
 def w3_multiturn(pipe, inputs: Inputs, counts: Counts) -> dict:

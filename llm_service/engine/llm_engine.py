@@ -5,6 +5,8 @@ is rank 0: it also starts the workers (distributed.launcher) and hands them each
 """
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +39,17 @@ class _Launched:
     host: torch.Tensor | None  # their copy on the host (pinned on CUDA; valid after `event`)
     event: torch.cuda.Event | None
     logits: torch.Tensor | None  # float32 [len(sampling), vocab], kept when a row asked for them
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One launched step, for profiling a workload's schedule (LLMEngine.step_log)."""
+
+    launched_at: float  # time.perf_counter() when the step was launched
+    prefill_tokens: int  # positions of prompt chunks (q_len > 1) in the step
+    decode_rows: int
+    running: int
+    waiting: int
 
 
 @dataclass
@@ -81,6 +94,7 @@ class LLMEngine:
         # Running ahead hides the host's per-step work behind the GPU's; where the forward
         # itself runs on the host (CPU) it would only hand each token out one step later.
         self.run_ahead = self.device.type == "cuda"
+        self.step_log: deque[StepRecord] = deque(maxlen=4096)  # the latest steps, oldest first
 
     def on_worker_failure(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)` from a watchdog thread if a tensor-parallel worker dies."""
@@ -149,6 +163,9 @@ class LLMEngine:
         """Forward + sampling queued on the device; the sampled ids start their copy home."""
         if self.workers is not None:
             self.workers.check()
+        decodes = sum(1 for item in batch if item.num_tokens == 1)
+        self.step_log.append(StepRecord(time.perf_counter(), sum(item.num_tokens for item in batch) - decodes,
+                                        decodes, len(self.scheduler.running), len(self.scheduler.waiting)))
         logits = self.runner.run(batch, input_ids)
         sampling = []
         for item in batch:
