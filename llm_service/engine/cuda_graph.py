@@ -9,6 +9,7 @@ captured size that holds the batch replays. Everything else runs eagerly.
 
 The graph covers the model forward and the LM head, so with tensor parallelism each rank
 replays its own graph of the same size and the collectives (NCCL) are part of the graph.
+PrefillGraphs does the same for short prefills of one sequence (a follow-up turn's new tokens).
 """
 from __future__ import annotations
 
@@ -136,3 +137,89 @@ class DecodeGraphs:
         b.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
         self.graphs[bs].replay()
         return b.logits[:n]
+
+
+PREFILL_SIZES = (16, 32, 64)  # query lengths of the captured short prefills
+
+
+class PrefillGraphs:
+    """Short prefills of one sequence, replayed from CUDA graphs: a follow-up turn whose
+    history is in the prefix cache prefills only its new tokens, and eagerly that forward
+    is bound by launching some 400 kernels from Python, not by the GPU.
+
+    A graph of size T runs the sequence's n <= T tokens as sequence 0 and the T - n padding
+    rows as a sequence 1 of length 0 (slot -1, position 0: nothing stored, attention gives
+    zeros); the logits are the sequence's last token's. Shares nothing with DecodeGraphs but
+    the model and the KV cache."""
+
+    def __init__(self, model: LlamaForCausalLM, max_blocks: int, device: torch.device):
+        self.model = model
+        self.sizes = list(PREFILL_SIZES)
+        self.max_blocks = max_blocks
+        n = self.sizes[-1]
+        i64 = dict(dtype=torch.int64, device=device)
+        i32 = dict(dtype=torch.int32, device=device)
+        with torch.inference_mode():
+            self.ids = torch.zeros(n, **i64)
+            self.positions = torch.zeros(n, **i64)
+            self.slot_mapping = torch.full((n,), -1, **i64)
+            self.block_tables = torch.zeros(2, max_blocks, **i32)
+            self.cu_seqlens_q = torch.zeros(3, **i32)
+            self.seq_lens = torch.zeros(2, **i32)
+            self.last_row = torch.zeros(1, **i64)
+            self.logits = torch.zeros(1, model.args.vocab_size, dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._capture()
+
+    def _forward(self, size: int) -> None:
+        meta = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            block_tables=self.block_tables,
+            cu_seqlens_q=self.cu_seqlens_q,
+            seq_lens=self.seq_lens,
+            max_q_len=size,
+        )
+        hidden = self.model(self.ids[:size], self.positions[:size], meta)
+        self.logits.copy_(self.model.compute_logits(hidden.index_select(0, self.last_row)))
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):
+            self.cu_seqlens_q.copy_(torch.tensor([0, size, size]))
+            self._forward(size)  # warm-up outside the capture (padding values: nothing is stored)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self._forward(size)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, num_rows: int, logits_rows: torch.Tensor, meta: AttentionMetadata, has_images: bool) -> bool:
+        """One sequence of 2..max size new tokens, no image rows, sampling (then its one
+        logits row is its last token)."""
+        return (
+            meta.seq_lens.shape[0] == 1
+            and not has_images
+            and 1 < num_rows <= self.sizes[-1]
+            and logits_rows.shape[0] == 1
+            and meta.block_tables.shape[1] <= self.max_blocks
+        )
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+            logits_rows: torch.Tensor) -> torch.Tensor:
+        """float32 logits [1, vocab]: a view of the static output, valid until the next replay."""
+        n = ids.shape[0]
+        size = pick_batch_size(self.sizes, n)
+        self.ids[:n].copy_(ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.positions[n:size].zero_()
+        self.slot_mapping[n:size].fill_(-1)
+        self.block_tables[0, : meta.block_tables.shape[1]].copy_(meta.block_tables[0], non_blocking=True)
+        self.seq_lens[:1].copy_(meta.seq_lens, non_blocking=True)
+        self.cu_seqlens_q[1:].fill_(n)  # sequence 0 is rows [0, n), the padding rows [n, size)
+        self.cu_seqlens_q[2:].fill_(size)
+        self.last_row.copy_(logits_rows, non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits

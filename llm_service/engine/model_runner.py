@@ -15,7 +15,7 @@ import torch
 from llm_service.config import EngineConfig
 from llm_service.distributed import min_over_ranks, tp_size
 from llm_service.distributed.step import PackedStep, StepInputs, send_step
-from llm_service.engine.cuda_graph import DecodeGraphs, graphs_enabled
+from llm_service.engine.cuda_graph import DecodeGraphs, PrefillGraphs, graphs_enabled
 from llm_service.engine.memory_profile import free_memory_after_peak_step
 from llm_service.engine.scheduler import Scheduled
 from llm_service.layers.attention import Attention
@@ -49,8 +49,11 @@ class ModelRunner:
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         eager = getattr(config, "eager_mode", False)  # PytorchEngineConfig's switch
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if graphs_enabled(device, self.uses_kernels, eager):
-            self.graphs = DecodeGraphs(self.model, max_batch_size, -(-session_len // self.block_size), device)
+            max_blocks = -(-session_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, device)
+            self.prefill_graphs = PrefillGraphs(self.model, max_blocks, device)
 
     def _block_bytes(self) -> int:
         a = self.attention[0]
@@ -136,5 +139,7 @@ class ModelRunner:
         has_images = step.image_rows is not None
         if self.graphs is not None and self.graphs.can_run(ids.shape[0], logits_rows.shape[0], meta, has_images):
             return self.graphs.run(ids, step.positions, meta)
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(ids.shape[0], logits_rows, meta, has_images):
+            return self.prefill_graphs.run(ids, step.positions, meta, logits_rows)
         hidden = self.model(ids, step.positions, meta, step.image_index, step.image_rows)
         return self.model.compute_logits(hidden[logits_rows]).float()

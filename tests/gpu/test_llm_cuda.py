@@ -207,3 +207,33 @@ def test_kv_cache_sized_from_free_memory_after_a_warm_up(tiny_llava):
         assert 0.25 * free_before < cache <= 0.3 * free_before
     finally:
         eng.close()
+
+
+def test_cuda_short_prefills_replay_a_graph(tiny_llava, cases, monkeypatch):
+    """Requests one at a time: lone short prompts, and the new tokens after a prefix-cache hit,
+    prefill from a CUDA graph; tokens and logits stay transformers'."""
+    from llm_service.engine.cuda_graph import PrefillGraphs
+
+    replayed: list[int] = []
+    replay = PrefillGraphs.run
+
+    def spy(self, ids, *args):
+        replayed.append(ids.shape[0])
+        return replay(self, ids, *args)
+
+    monkeypatch.setattr(PrefillGraphs, "run", spy)
+    vision, prompts = cases
+    config = EngineConfig(device="cuda", session_len=128, max_batch_size=8, block_size=16,
+                          enable_prefix_caching=True)
+    eng = AsyncLLMEngine(str(tiny_llava), config, vision)
+    try:
+        for _ in range(2):
+            for prompt, ref in prompts:
+                result = run(collect(eng, request(prompt.segments, output_logits="generation")))
+                assert result.tokens == ref.tokens
+                torch.testing.assert_close(torch.cat(result.logits), ref.logits, atol=1e-4, rtol=0)
+        assert len(replayed) >= len(prompts)
+        info = run(eng.info())
+        assert info.free_blocks == info.total_blocks
+    finally:
+        eng.close()
