@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from array import array
 from dataclasses import dataclass, field
 
 import torch
@@ -69,12 +70,12 @@ class Sequence:
         and for image positions the image key and row offset (image rows differ between
         images although their token ids are equal)."""
         start, end = index * block_size, (index + 1) * block_size
-        parts = [",".join(map(str, self.token_ids[start:end]))]
+        content = array("q", self.token_ids[start:end]).tobytes()  # fixed width: no separator needed
         for img in self.images:
             lo, hi = max(start, img.start), min(end, img.end)
             if lo < hi:
-                parts.append(f"{img.key}@{lo - img.start}:{hi - img.start}+{lo - start}")
-        return "|".join(parts).encode()
+                content += f"|{img.key}@{lo - img.start}:{hi - img.start}+{lo - start}".encode()
+        return content
 
     def reset_for_recompute(self) -> None:
         """After preemption: the KV is gone and everything so far is prefilled again."""
