@@ -2,7 +2,8 @@
 
 One process per rank (rank 0 is the engine; launcher.py starts the workers); each rank
 holds a 1/tp_size shard of every parallel layer. With tp_size == 1 every collective is a
-no-op. The process group is gloo on CPU and NCCL on CUDA.
+no-op. The process group is gloo on CPU and NCCL on CUDA; on CUDA, small all-reduces (decode's
+[bs, hidden] partial sums) take symm_allreduce's one-kernel path instead of NCCL.
 """
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from llm_service.distributed import symm_allreduce
+
 
 @dataclass
 class TPState:
     rank: int = 0
     size: int = 1
+    fast: symm_allreduce.SymmAllReduce | None = None  # CUDA groups only; set up by start_group
 
 
 _TP = TPState()
@@ -39,10 +43,15 @@ def start_group(store: dist.Store, rank: int, size: int, device: torch.device, t
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     init_tp(rank, size)
+    if device.type == "cuda" and size > 1 and symm_allreduce.enabled():
+        # once per process, before any CUDA graph is captured: graphs bake in the buffer's address
+        _TP.fast = symm_allreduce.start(device)
 
 
 def stop_group() -> None:
-    """Leave the process group (if any) and go back to a single rank."""
+    """Leave the process group (if any) and go back to a single rank. Graphs that captured an
+    all-reduce must be gone first: the symmetric buffer they read is freed here."""
+    _TP.fast = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _TP.rank, _TP.size = 0, 1
@@ -66,10 +75,15 @@ def tp_size() -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum partial results of a row-parallel layer across ranks (in place)."""
+    """Sum partial results of a row-parallel layer across ranks (in place). Small CUDA tensors
+    take the symmetric-memory kernel (bit-identical on every rank), the rest NCCL or gloo."""
     if _TP.size > 1:
-        dist.all_reduce(x)
+        if _TP.fast is not None and _TP.fast.fits(x):
+            _TP.fast.reduce_(x)
+        else:
+            dist.all_reduce(x)
     return x
+
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
