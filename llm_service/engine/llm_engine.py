@@ -23,6 +23,7 @@ from llm_service.engine.sequence import Sequence, Status
 from llm_service.models.loader import read_spec
 from vision_service.devices import DTYPES, resolve_device
 
+
 def _can_run_ahead(seqs: list[Sequence]) -> bool:
     """Whether the next step may be sampled before this one's ids reach the host: not when
     a repetition penalty reads the ids so far, or min_new_tokens counts them."""
@@ -33,7 +34,6 @@ def _can_run_ahead(seqs: list[Sequence]) -> bool:
 class _Launched:
     """A step queued on the device whose sampled ids are not read yet."""
 
-    batch: list[Scheduled]
     sampling: list[Sequence]  # the rows that sample, in logits order
     tokens: torch.Tensor | None  # int64 [len(sampling)] on the device
     host: torch.Tensor | None  # their copy on the host (pinned on CUDA; valid after `event`)
@@ -133,10 +133,10 @@ class LLMEngine:
         return self.inflight is not None or self.scheduler.has_work()
 
     def step(self) -> list[StepOutput]:
-        """Advance by one forward. A launched step's tokens are read back one call later
-        when the next step can be launched without them: pure greedy decodes take their
-        input ids straight from the previous step's sampled ids on the device, so the host
-        reads, delivers and schedules while the GPU already runs the next step."""
+        """Advance by one forward. With run_ahead, a step whose rows all sample is read back
+        one call later, after the next decode step is launched with its input ids taken
+        straight from this step's samples on the device: the host reads, delivers and
+        schedules while the GPU already runs the next step."""
         if self.inflight is not None:
             ahead = self._launch_ahead(self.inflight)
             outputs = self._complete(self.inflight)
@@ -150,7 +150,8 @@ class LLMEngine:
         if not batch:
             return outputs
         launched = self._launch(batch)
-        if self.run_ahead and launched.sampling and all(item.samples for item in batch) and _can_run_ahead(launched.sampling):
+        ahead = self.run_ahead and all(item.samples for item in batch) and _can_run_ahead(launched.sampling)
+        if ahead and launched.sampling:
             self.inflight = launched  # completed by the next call, after launching the one after it
             return outputs
         return outputs + self._complete(launched)
@@ -176,19 +177,19 @@ class LLMEngine:
             for item in batch:
                 self.blocks.commit(item.seq)
         if not sampling:
-            return _Launched(batch, [], None, None, None, None)
+            return _Launched([], None, None, None, None)
         tokens = self._sample(logits, sampling)
         if any(seq.params.output_logits for seq in sampling):
             logits = logits.clone()  # the graphs' output buffer is overwritten by the next replay
         else:
             logits = None
         if self.device.type != "cuda":
-            return _Launched(batch, sampling, tokens, tokens, None, logits)
+            return _Launched(sampling, tokens, tokens, None, logits)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return _Launched(batch, sampling, tokens, host, event, logits)
+        return _Launched(sampling, tokens, host, event, logits)
 
     def _launch_ahead(self, prev: _Launched) -> _Launched | None:
         """The next decode of every sequence `prev` samples, launched before prev's ids
