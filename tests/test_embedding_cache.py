@@ -51,3 +51,30 @@ def test_at_most_max_bytes_are_kept_least_recently_used_out():
     verified.digest(d)
     assert list(verified._entries) == [_sha(b), _sha(d)]
     assert verified.digest(b"x" * 300) == _sha(b"x" * 300) and len(verified) == 2  # too big to keep
+
+
+def test_new_bytes_are_hashed_off_the_event_loop_and_resent_ones_compared_on_it(monkeypatch):
+    """A burst of new images must not hold the loop that hands earlier requests their embeddings."""
+    import asyncio
+    import threading
+
+    from llm_service.embedding_cache import image_keys
+
+    data = DATA + b"off-loop"
+    digest = _sha(data)
+    threads = []
+    sha256 = hashlib.sha256
+    monkeypatch.setattr(embedding_cache.hashlib, "sha256",
+                        lambda d: threads.append(threading.current_thread()) or sha256(d))
+    monkeypatch.setattr(embedding_cache, "_VERIFIED", VerifiedDigests())
+    images = [common_pb2.ImageInput(data=data, sha256=digest), common_pb2.ImageInput(sha256="ab" * 32)]
+
+    async def keys():
+        return threading.current_thread(), await image_keys(images)
+
+    loop_thread, first = asyncio.run(keys())
+    assert first == [digest, "ab" * 32]
+    assert len(threads) == 1 and threads[0] is not loop_thread  # hashed, on the pool
+    assert asyncio.run(keys())[1] == first and len(threads) == 1  # re-sent: compared, not hashed
+    with pytest.raises(ValueError, match="does not match"):
+        asyncio.run(image_keys([common_pb2.ImageInput(data=data + b"!", sha256=digest)]))

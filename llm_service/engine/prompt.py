@@ -6,7 +6,7 @@ from typing import Sequence as Seq
 
 import torch
 
-from llm_service.embedding_cache import EmbeddingCache, image_key
+from llm_service.embedding_cache import EmbeddingCache, image_keys
 from llm_service.engine.sampling_params import SamplingParams
 from llm_service.engine.sequence import ImageSpan, Sequence
 from llm_service.models.loader import ModelSpec
@@ -70,7 +70,7 @@ async def build_sequence(
             raise ValueError(f"{spec.architecture} is a text-only model; the request has {len(images)} image(s)")
         if vision is None:
             raise ValueError("this LLM service has no vision tier; requests with images are not accepted")
-        keys = [image_key(image) for image in images]
+        keys = await image_keys(images)
         rows = await embed_images(images, keys, cache, vision, spec.args.hidden_size, dtype)
     token_ids: list[int] = []
     spans: list[ImageSpan] = []
