@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -43,6 +44,29 @@ def graphs_enabled(device: torch.device, uses_kernels: bool, eager_mode: bool) -
     eager_mode or PRISM_EAGER=1 turns them off."""
     eager = eager_mode or os.environ.get("PRISM_EAGER", "0") not in ("", "0")
     return device.type == "cuda" and uses_kernels and not eager
+
+
+@torch.inference_mode()
+def capture_graphs(sizes: list[int], forward: Callable[[int], None],
+                   before: Callable[[int], None] | None = None) -> dict[int, torch.cuda.CUDAGraph]:
+    """One graph of `forward(size)` per size, sharing one memory pool. Largest first, so the
+    smaller graphs fit in the pool memory the larger one left; each size runs once outside
+    the capture first (Triton compiles, NCCL/cuBLAS set up). Captured with padding values
+    only, so capturing writes nothing into the cache."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    pool = None
+    for size in reversed(sizes):
+        if before is not None:
+            before(size)
+        forward(size)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: work other threads put on the GPU meanwhile (embedded vision) is no error
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            forward(size)
+        pool = graph.pool() if pool is None else pool
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs
 
 
 @dataclass
@@ -88,28 +112,13 @@ class DecodeGraphs:
                 seq_lens=torch.zeros(n, **i32),
                 logits=torch.zeros(n, model.args.vocab_size, dtype=torch.float32, device=device),
             )
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._capture()
+        self.graphs = capture_graphs(self.sizes, self._forward)  # captured with the padding values
 
     def _forward(self, bs: int) -> None:
         b = self.buf
         hidden = self.model(b.ids[:bs], b.positions[:bs], b.meta(bs))
         b.logits[:bs] = self.model.compute_logits(hidden)
 
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        """Largest first, so the smaller graphs fit in the pool memory the larger one left.
-        Captured with the padding values, so capturing writes nothing into the cache."""
-        pool = None
-        for bs in reversed(self.sizes):
-            self._forward(bs)  # warm-up: Triton compiles and NCCL/cuBLAS set up outside the capture
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: work other threads put on the GPU meanwhile (embedded vision) is no error
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self._forward(bs)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
 
     def can_run(self, num_rows: int, num_logits: int, meta: AttentionMetadata, has_images: bool) -> bool:
         """Whether a step is a pure decode a graph covers: q_len 1 everywhere, every row
@@ -168,8 +177,7 @@ class PrefillGraphs:
             self.seq_lens = torch.zeros(2, **i32)
             self.last_row = torch.zeros(1, **i64)
             self.logits = torch.zeros(1, model.args.vocab_size, dtype=torch.float32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._capture()
+        self.graphs = capture_graphs(self.sizes, self._forward, before=self._padding_only)
 
     def _forward(self, size: int) -> None:
         meta = AttentionMetadata(
@@ -182,18 +190,9 @@ class PrefillGraphs:
         hidden = self.model(self.ids[:size], self.positions[:size], meta)
         self.logits.copy_(self.model.compute_logits(hidden.index_select(0, self.last_row)))
 
-    @torch.inference_mode()
-    def _capture(self) -> None:
-        pool = None
-        for size in reversed(self.sizes):
-            self.cu_seqlens_q.copy_(torch.tensor([0, size, size]))
-            self._forward(size)  # warm-up outside the capture (padding values: nothing is stored)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self._forward(size)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[size] = graph
-        torch.cuda.synchronize()
+    def _padding_only(self, size: int) -> None:
+        """Before capturing size: all rows in sequence 0 of length 0 (nothing is stored)."""
+        self.cu_seqlens_q.copy_(torch.tensor([0, size, size]))
 
     def can_run(self, num_rows: int, logits_rows: torch.Tensor, meta: AttentionMetadata, has_images: bool) -> bool:
         """One sequence of 2..max size new tokens, no image rows, sampling (then its one
