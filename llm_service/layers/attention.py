@@ -101,7 +101,7 @@ class Attention(nn.Module):
             q = self.kernels.rope_store(q, k, v, rope, self.k_cache, self.v_cache, meta.slot_mapping)
             attend = self.kernels.paged_attention
         else:
-            q, k = apply_rotary(q, k, *rope.gather())
+            q, k = apply_rotary(q, k, *rope.gathered)
             store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             attend = paged_attention
         return attend(

@@ -8,7 +8,8 @@ Supported rope types: default, linear and llama3; anything else is refused at lo
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -59,16 +60,18 @@ class RotaryEmbedding(nn.Module):
         return Rope(self.cos, self.sin, positions)
 
 
-class Rope(NamedTuple):
+@dataclass
+class Rope:
     """fp32 cos/sin tables [max_positions, D] and the step's int64 positions [T]. The
-    Triton path reads the tables by position inside its kernel; `gather` is the torch path's."""
+    Triton path reads the tables by position inside its kernel; `gathered` is the torch path's."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     positions: torch.Tensor
 
-    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] of the step's positions."""
+    @cached_property
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, D] of the step's positions, gathered once per step for every layer."""
         return self.cos[self.positions].unsqueeze(1), self.sin[self.positions].unsqueeze(1)
 
 

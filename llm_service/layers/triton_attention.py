@@ -18,6 +18,8 @@ import functools
 
 import torch
 
+from llm_service.layers.rotary import Rope
+
 try:
     import triton
     import triton.language as tl
@@ -285,10 +287,10 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
     _rope_store(None, k, v, None, k_cache, v_cache, slot_mapping)
 
 
-def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, ...],
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope,
                k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """Rotary embedding and cache write in one launch: returns q `[T, Hq, D]` rotated, and
-    stores k (rotated) and v at `slot_mapping`. rope = (cos table, sin table, positions):
+    stores k (rotated) and v at `slot_mapping`. rope: the cos and sin tables and the positions,
     fp32 `[max_positions, D]` tables and int64 positions `[T]`."""
     return _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping)
 
@@ -305,7 +307,7 @@ def _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping):
     else:
         q_in = _last_dim_contiguous(q)
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        cos, sin, positions = rope
+        cos, sin, positions = rope.cos, rope.sin, rope.positions
     if T == 0:
         return q_out
     Hq = q_in.shape[1]

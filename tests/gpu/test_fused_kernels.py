@@ -70,7 +70,7 @@ def test_rope_store_equals_rotary_then_store(dtype, hq, hkv):
     rope = rotary(positions)
     cache = dict(size=(4, page, hkv, d), dtype=dtype, device="cuda")
     k_want, v_want = torch.zeros(**cache), torch.zeros(**cache)
-    q_want, k_rot = apply_rotary(q, k, *rope.gather())
+    q_want, k_rot = apply_rotary(q, k, *rope.gathered)
     ref_attention.store_kvcache(k_rot, v, k_want, v_want, slots)
     k_got, v_got = torch.zeros(**cache), torch.zeros(**cache)
     q_got = rope_store(q, k, v, rope, k_got, v_got, slots)
