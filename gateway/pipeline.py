@@ -11,6 +11,7 @@ else the numpy array.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -133,9 +134,7 @@ class Pipeline:
         return self._service.stream(messages, gen_config, index=index, do_preprocess=do_preprocess)
 
     async def _one(self, messages, gen_config, index, do_preprocess, prepared=None) -> Response:
-        if self._semaphore is None:
-            return await collect(self._stream(messages, gen_config, index, do_preprocess, prepared))
-        async with self._semaphore:
+        async with self._semaphore or contextlib.nullcontext():
             return await collect(self._stream(messages, gen_config, index, do_preprocess, prepared))
 
     async def _all(self, conversations, configs, do_preprocess, progress, prepared) -> list[Response]:

@@ -35,18 +35,17 @@ class VerifiedDigests:
         return len(self._entries)
 
     def known(self, data: bytes, claimed: str) -> bool:
-        """Whether `claimed` was computed lately from these very bytes: `digest` then only compares."""
+        """Whether `claimed` was computed lately from these very bytes (then it counts as used
+        again): `digest` then only compares."""
         with self._lock:
             seen = self._entries.get(claimed) if claimed else None
+            if seen is not None:
+                self._entries.move_to_end(claimed)
         return seen is not None and seen == data
 
     def digest(self, data: bytes, claimed: str = "") -> str:
         """sha256 hex digest of `data`; `claimed` (lower case) is what the sender said it is."""
-        with self._lock:
-            known = self._entries.get(claimed) if claimed else None
-            if known is not None:
-                self._entries.move_to_end(claimed)
-        if known is not None and known == data:
+        if self.known(data, claimed):
             return claimed
         digest = hashlib.sha256(data).hexdigest()
         if len(data) <= self.max_bytes:
