@@ -85,7 +85,7 @@ def instrumented(engine: llm_engine.LLMEngine):
     timers = Timers()
     wrapped = ((engine, "step", "step"), (engine.scheduler, "schedule", "scheduler"),
                (engine.runner, "prepare", "prepare"), (engine.runner, "forward", "forward"),
-               (engine, "sample", "sample"))
+               (engine, "_sample", "sample"))
     before = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in wrapped]
     for owner, name, stage in wrapped:
         timers.wrap(owner, name, stage)
