@@ -1,11 +1,13 @@
 """Tensor parallelism on CPU (gloo): tp=2 greedy output token-for-token equal to tp=1 and to
 transformers, logits within 1e-4, embedded and over gRPC; a worker killed with SIGKILL
-takes the LLM tier to NOT_SERVING and a non-zero exit; SIGTERM stops every rank."""
+takes the LLM tier to NOT_SERVING and a non-zero exit; SIGTERM stops every rank. The step
+header travels on the host (the control group) and a worker reads no device value for it."""
 from __future__ import annotations
 
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import grpc
@@ -16,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import GenerationConfig, TurbomindEngineConfig, pipeline
 from llm_service import distributed
+from llm_service.distributed import step as steps
 from llm_service.layers.linear import QKVParallelLinear
 from protos import llm_pb2, llm_pb2_grpc
 from protos.serving import GRPC_OPTIONS
@@ -94,6 +97,54 @@ def test_qkv_shards_replicate_kv_heads_when_fewer_than_ranks(monkeypatch):
         torch.testing.assert_close(v, x @ w["v"][kv].T)
 
 
+def test_step_header_travels_on_the_host_and_the_rest_is_only_queued(monkeypatch):
+    """Rank 0 sends each header as a host tensor on the control group and the step's tensors
+    from its device on the default group; a worker receives them in that order and only
+    queues the device broadcasts: its "device" here is meta, whose values cannot be read."""
+    control = object()  # stands for the gloo group
+    monkeypatch.setattr(distributed, "_TP", distributed.TPState(0, 2, control=control))
+    wire: list[tuple[object, torch.Tensor]] = []
+
+    def send(t, src, group=None):
+        assert src == 0
+        wire.append((group, t.clone()))
+
+    def recv(t, src, group=None):
+        sent_group, sent = wire.pop(0)
+        assert group is sent_group
+        if group is control:  # the header: a host tensor, read on the host
+            assert t.device.type == "cpu"
+            t.copy_(sent)
+        else:  # a device tensor: queued, never read back
+            assert group is None and t.device.type == "meta"
+            assert (t.shape, t.dtype) == (sent.shape, sent.dtype)
+
+    hidden = 4
+    decode = steps.PackedStep.build([5, 6], [3, 7], [3, 23], [[0], [1]], [0, 1, 2], [4, 8], [0, 1], [], None,
+                                    torch.device("cpu"))
+    rows = torch.randn(2, hidden)
+    prefill = steps.PackedStep.build([1, 2, 3], [0, 1, 2], [0, 1, 2], [[0]], [0, 3], [3], [2], [0, 1], rows,
+                                     torch.device("cpu"))
+    monkeypatch.setattr(steps, "dist", type("FakeDist", (), {"broadcast": staticmethod(send)}))
+    steps.send_control(steps.PING)
+    steps.send_step(decode)
+    steps.send_step(prefill)
+    steps.send_control(steps.SHUTDOWN)
+    assert [group is control for group, _ in wire] == [True, True, False, True, False, False, True]
+    assert wire[1][1].tolist() == decode.header and wire[5][1].dtype == rows.dtype
+
+    monkeypatch.setattr(steps, "dist", type("FakeDist", (), {"broadcast": staticmethod(recv)}))
+    meta = torch.device("meta")
+    for sent in (decode, prefill):
+        got = steps.recv_step(meta, rows.dtype, hidden)
+        assert got.header == sent.header and got.ints.is_meta
+        inputs = got.unpack()  # views and casts only
+        assert inputs.input_ids.shape == sent.unpack().input_ids.shape
+        assert (inputs.image_rows is None) == (sent.image_rows is None)
+    assert steps.recv_step(meta, rows.dtype, hidden) is None
+    assert not wire
+
+
 def test_tp_that_does_not_split_is_a_value_error(tiny_llava):
     with pytest.raises(ValueError, match="attention heads"):
         pipeline(str(tiny_llava), backend_config=TurbomindEngineConfig(tp=3, device="cpu"))
@@ -101,9 +152,15 @@ def test_tp_that_does_not_split_is_a_value_error(tiny_llava):
 
 def test_embedded_tp2_matches_tp1_and_transformers(tiny_llava, references, tp1, monkeypatch):
     """Idle for longer than the collective timeout in between: rank 0's pings keep the
-    workers' wait for the next step alive."""
+    workers' wait for the next step alive. (Start-up, which the timeout also bounds, gets
+    longer: importing torch in a worker alone can take 4 s on a busy machine.)"""
+    from llm_service.distributed import launcher
+
     _check(tp1, references)
     monkeypatch.setenv("PRISM_TP_TIMEOUT_S", "4")
+    wait = launcher._wait_checked_in
+    monkeypatch.setattr(launcher, "_wait_checked_in",
+                        lambda store, procs, timeout: wait(store, procs, timedelta(seconds=EXIT_WAIT_S)))
     pipe = pipeline(str(tiny_llava), backend_config=TurbomindEngineConfig(tp=2, device="cpu"))
     try:
         _check(pipe(_inputs()[0], gen_config=_gen()), references, baseline=tp1)

@@ -3,7 +3,8 @@
 One process per rank (rank 0 is the engine; launcher.py starts the workers); each rank
 holds a 1/tp_size shard of every parallel layer. With tp_size == 1 every collective is a
 no-op. The process group is gloo on CPU and NCCL on CUDA; on CUDA, small all-reduces (decode's
-[bs, hidden] partial sums) take symm_allreduce's one-kernel path instead of NCCL.
+[bs, hidden] partial sums) take symm_allreduce's one-kernel path instead of NCCL. Beside it, a
+gloo group of the same ranks carries the step headers on the host (step.py says why).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class TPState:
     rank: int = 0
     size: int = 1
     fast: symm_allreduce.SymmAllReduce | None = None  # CUDA groups only; set up by start_group
+    control: dist.ProcessGroup | None = None  # gloo, for the step headers; set up by start_group
+    device: torch.device | None = None  # this rank's, while in a group
 
 
 _TP = TPState()
@@ -36,25 +39,43 @@ def init_tp(rank: int, size: int) -> None:
 
 
 def start_group(store: dist.Store, rank: int, size: int, device: torch.device, timeout: timedelta) -> None:
-    """Join the tensor-parallel process group (the default group) and record the rank.
-    `timeout` bounds every collective, so a hung peer becomes an error."""
+    """Join the tensor-parallel process group (the default group) and, beside it, the gloo group
+    of the step headers (on CPU too, so CPU runs take the same two channels); record the rank.
+    `timeout` bounds every collective of both, so a hung peer becomes an error."""
     if dist.is_initialized():
         raise RuntimeError("a torch.distributed process group already exists in this process")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     init_tp(rank, size)
+    _TP.device = device
+    if size > 1:  # every rank, in the same order: new_group is collective
+        _TP.control = dist.new_group(backend="gloo", timeout=timeout)
     if device.type == "cuda" and size > 1 and symm_allreduce.enabled():
         # once per process, before any CUDA graph is captured: graphs bake in the buffer's address
         _TP.fast = symm_allreduce.start(device)
 
 
 def stop_group() -> None:
-    """Leave the process group (if any) and go back to a single rank. Graphs that captured an
-    all-reduce must be gone first: the symmetric buffer they read is freed here."""
+    """Leave the process groups (if any) and go back to a single rank. Graphs that captured an
+    all-reduce must be gone first: the symmetric buffer they read is freed here. On CUDA it first
+    waits for this rank's queued work (a worker's host runs ahead of its GPU), so no collective is
+    in flight when its communicator goes. So only in a clean shutdown, where every peer runs its
+    side of what this rank queued; never after a peer died mid-step (the wait would not end)."""
     _TP.fast = None
+    _TP.control = None
+    device, _TP.device = _TP.device, None
     if dist.is_available() and dist.is_initialized():
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
         dist.destroy_process_group()
     _TP.rank, _TP.size = 0, 1
+
+
+def control_group() -> dist.ProcessGroup:
+    """The gloo group the step headers travel on (start_group's; tensor parallelism only)."""
+    if _TP.control is None:
+        raise RuntimeError("no tensor-parallel group: start_group first")
+    return _TP.control
 
 
 def min_over_ranks(value: int, device: torch.device) -> int:
@@ -84,6 +105,16 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
             dist.all_reduce(x)
     return x
 
+
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> torch.Tensor | None:
+    """all_reduce(x), residual += x, RMSNorm(residual) * weight as one kernel, when the
+    barrier-free path (PRISM_ALLREDUCE=ll) is set up and x is a decode-sized [rows, hidden];
+    None otherwise (the caller does the three steps). Same answer on every rank."""
+    fast = _TP.fast
+    if _TP.size == 1 or fast is None or fast.ll is None or not fast.ll.fits_rms_norm(x, residual):
+        return None
+    return fast.ll.reduce_rms_norm_(x, residual, weight, eps)
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:

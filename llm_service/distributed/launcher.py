@@ -8,10 +8,18 @@ can take it in between, and waits for the workers to check in while watching the
 worker that dies on start-up fails the engine at once instead of after the timeout.
 
 A watchdog thread polls the workers; the first one that exits unasked marks the group
-failed and calls the failure callbacks (the server's health hook). Rank 0's collectives
-fail by themselves when a gloo peer dies; the group timeout (PRISM_TP_TIMEOUT_S, default
-300 s, start-up included) bounds the rest, and an idle rank 0 pings the workers well
-within it.
+failed and calls the failure callbacks (the server's health hook). Rank 0's next step
+fails by itself when a worker is gone: its step header travels on a gloo group (step.py),
+whose broadcast fails as soon as a peer's connection closes. The group timeout
+(PRISM_TP_TIMEOUT_S, default 300 s, start-up included) bounds the rest, and an idle rank 0
+pings the workers well within it.
+
+Shutdown: rank 0 sends the shutdown header, each worker waits for its GPU to finish what it
+queued (every step's peer side is queued on rank 0 already) and leaves the group, and only
+once every worker has exited by itself does rank 0 leave too, so no rank tears down a
+communicator that a peer's collective still uses. A worker that does not exit in time is
+killed, and then (as after a failure) rank 0 does not tear down an NCCL group, which could
+hang on a collective left half done.
 """
 from __future__ import annotations
 
@@ -155,7 +163,7 @@ class WorkerGroup:
         died is the watchdog's to report."""
         if self.failure is None and not self._stopping.is_set():
             try:
-                send_control(PING, self.device)
+                send_control(PING)
             except RuntimeError as e:
                 logger.warning("tensor-parallel ping: %s", e)
 
@@ -169,11 +177,12 @@ class WorkerGroup:
         clean = graceful and self.failure is None
         if clean:
             try:
-                send_control(SHUTDOWN, self.device)
+                send_control(SHUTDOWN)
             except RuntimeError as e:  # a worker died just now
                 logger.warning("tensor-parallel shutdown: %s", e)
-        _kill(self.procs, wait_s=STOP_WAIT_S if clean else 0.0)
-        if clean or self.device.type != "cuda":  # a broken NCCL group may hang in teardown
+                clean = False
+        exited = _kill(self.procs, wait_s=STOP_WAIT_S if clean else 0.0)
+        if (clean and exited) or self.device.type != "cuda":  # a broken NCCL group may hang in teardown
             stop_group()
         atexit.unregister(self.kill)
 
@@ -212,9 +221,11 @@ def _wait_checked_in(store: dist.TCPStore, procs: list[subprocess.Popen], timeou
         time.sleep(POLL_S)
 
 
-def _kill(procs: list[subprocess.Popen], wait_s: float = 0.0) -> None:
-    """Give the workers `wait_s` to exit, then SIGKILL and reap them."""
+def _kill(procs: list[subprocess.Popen], wait_s: float = 0.0) -> bool:
+    """Give the workers `wait_s` to exit, then SIGKILL and reap them; whether all exited
+    by themselves with code 0."""
     deadline = time.monotonic() + wait_s
+    exited = True
     for proc in procs:
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -223,3 +234,6 @@ def _kill(procs: list[subprocess.Popen], wait_s: float = 0.0) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            exited = False
+        exited = exited and proc.returncode == 0
+    return exited

@@ -2,12 +2,55 @@
 
 Rank 0 packs a step's host-side lists into one int64 tensor described by a small header
 of sizes, copies it to the device once, and every rank (rank 0 included) unpacks the
-same views from it. Under tensor parallelism rank 0 broadcasts the fixed-size header
-(the sizes the workers allocate from, or SHUTDOWN), the flat tensor and, when the step
-has any, the image rows at full hidden size (every rank embeds every token, so every
-rank fills the image positions): three broadcasts at most, nothing pickled. While idle,
-rank 0 sends a PING header now and then, so the workers' wait for the next step never
-reaches the collective timeout.
+same views from it. Nothing is pickled.
+
+Two channels. Under tensor parallelism rank 0 sends each step as
+1. the fixed-size header (STEP and the sizes the workers allocate from; or SHUTDOWN; or
+   PING, sent now and then while idle) as a host tensor, broadcast on the gloo control
+   group (distributed.control_group);
+2. the flat ints and, when the step has any, the image rows at full hidden size (every
+   rank embeds every token, so every rank fills the image positions), broadcast from the
+   device on the default group (NCCL on CUDA): queued on the stream, no host wait.
+The ints stay on the device because, when decode runs ahead (LLMEngine.run_ahead), rank 0
+writes the previous step's sampled ids into them there before they reach its host. The
+header must not: a worker reading a header from its device (.tolist()) waits for all that
+is queued on its stream, i.e. its previous step, so it could queue step N+1 only once its
+GPU had finished N, and rank 0's first all-reduce of N+1 would wait out the worker's whole
+host turn (wake-up, broadcasts, unpack, graph inputs, launch). With the header on the host
+a worker's loop (recv_step, then ModelRunner.forward, which reads no device value) never
+waits for its GPU: it queues step N+1 while its GPU still runs N, as rank 0 does. Folding
+the ints into the gloo message would save nothing where it matters: the running-ahead decode
+has its ids only on the device, and elsewhere each worker would need its own copy to the device.
+
+Order. Rank 0 sends header, ints, rows, step after step, from one thread (the engine's:
+PINGs only while no step is in flight) and each worker receives them in that order on one
+thread. Each channel delivers in order (gloo: one collective after the other on the control
+group; NCCL: in the order the calls queue them), and a worker queues step N's device
+broadcasts right after reading header N, so every rank's i-th device broadcast is the same
+one, and the model's own collectives follow in the same order on every rank.
+
+No deadlock. Only two things make a host wait: a gloo broadcast (gloo does not buffer:
+rank 0's returns once every worker has posted its receive, a worker's once rank 0 has sent),
+and rank 0 reading a step's sampled ids (its GPU must finish the step, whose collectives wait
+for the workers' GPUs). NCCL broadcasts and collectives are only queued; no host waits in one.
+- A worker's host, between two headers, only queues work and is back at the next receive in
+  bounded time, so rank 0's send returns: rank 0 never waits in gloo on a worker that waits
+  on rank 0.
+- Rank 0 sends header N (and queues its side of step N right after, waiting on nothing) before
+  it reads step N's ids, and a worker queues its side of step N as soon as header N arrives,
+  so the collectives rank 0's GPU waits in are queued on every worker, behind only earlier
+  steps, which complete the same way (induction over the steps).
+- Even a host wait on the GPU inside a worker's step (the CPU-torch attention's .tolist(), the
+  allocator freeing its cache) costs only time: it waits on steps whose every side is queued.
+How far ahead: a worker's host trails rank 0's, and the GPUs move together (collectives),
+so a worker's queue is never longer than rank 0's. Decoding, that is two steps at most: rank 0
+sends header N+2 only after reading step N's ids, i.e. after every GPU passed step N's last
+collective. (Steps that sample nothing, a long prompt's chunks before its last, are not read
+back, so rank 0 and with it the workers may queue a few of those.)
+
+Failure. A gloo broadcast fails at once when a peer's process is gone (its connection
+closes), and after the group timeout when a peer is silent: the PINGs keep an idle worker's
+wait for the next header within it. A worker whose rank 0 is gone fails in its receive.
 """
 from __future__ import annotations
 
@@ -18,6 +61,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from llm_service.distributed import control_group
 from llm_service.layers.attention import AttentionMetadata
 
 HEADER_LEN = 8
@@ -40,8 +84,7 @@ class StepInputs:
 class PackedStep:
     """header = [kind, tokens, seqs, table width, logits rows, image rows, max_q_len, len(ints)]."""
 
-    header: list[int]
-    header_t: torch.Tensor  # the header on the device, for the broadcast
+    header: list[int]  # on the host: it travels on the control group
     ints: torch.Tensor  # int64: ids, positions, slots, block tables, cu_seqlens, seq_lens, logits rows, image index
     image_rows: torch.Tensor | None = None
 
@@ -66,10 +109,8 @@ class PackedStep:
         max_q_len = max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:]))
         n_rows = 0 if image_rows is None else image_rows.shape[0]
         header = [STEP, len(ids), len(seq_lens), width, len(logits_rows), n_rows, max_q_len, len(flat)]
-        values = array("q", header)
-        values.extend(flat)
-        packed = _on_device(torch.frombuffer(values, dtype=torch.int64), device)  # one copy
-        return cls(header, packed[:HEADER_LEN], packed[HEADER_LEN:], image_rows)
+        ints = _on_device(torch.frombuffer(array("q", flat), dtype=torch.int64), device)  # one copy
+        return cls(header, ints, image_rows)
 
     def unpack(self) -> StepInputs:
         _, t, b, width, n_logits, n_rows, max_q_len, _ = self.header
@@ -93,24 +134,30 @@ def _on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def send_step(step: PackedStep) -> None:
-    """Rank 0: broadcast `step` (its tensors already on this rank's device)."""
-    dist.broadcast(step.header_t, src=0)
+    """Rank 0: send `step` (its tensors already on this rank's device): the header from the
+    host, then the device tensors, queued on the stream."""
+    _send_header(step.header)
     dist.broadcast(step.ints, src=0)
     if step.image_rows is not None:
         dist.broadcast(step.image_rows, src=0)
 
 
-def send_control(kind: int, device: torch.device) -> None:
+def send_control(kind: int) -> None:
     """Rank 0: a header without a step (SHUTDOWN or PING)."""
-    header = torch.tensor([kind] + [0] * (HEADER_LEN - 1), dtype=torch.int64)
-    dist.broadcast(_on_device(header, device), src=0)
+    _send_header([kind] + [0] * (HEADER_LEN - 1))
+
+
+def _send_header(header: list[int]) -> None:
+    dist.broadcast(torch.tensor(header, dtype=torch.int64), src=0, group=control_group())
 
 
 def recv_step(device: torch.device, dtype: torch.dtype, hidden_size: int) -> PackedStep | None:
-    """Workers: the next step rank 0 broadcasts (PINGs skipped); None on shutdown."""
-    header_t = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
+    """Workers: the next step rank 0 sends (PINGs skipped); None on shutdown. Reads no value
+    from `device`: the header arrives on the host, the rest is only queued."""
+    header_t = torch.empty(HEADER_LEN, dtype=torch.int64)  # on the host
+    group = control_group()
     while True:
-        dist.broadcast(header_t, src=0)
+        dist.broadcast(header_t, src=0, group=group)
         header = header_t.tolist()
         if header[0] != PING:
             break
@@ -124,4 +171,4 @@ def recv_step(device: torch.device, dtype: torch.dtype, hidden_size: int) -> Pac
     if header[5]:
         rows = torch.empty(header[5], hidden_size, dtype=dtype, device=device)
         dist.broadcast(rows, src=0)
-    return PackedStep(header, header_t, ints, rows)
+    return PackedStep(header, ints, rows)

@@ -2,13 +2,19 @@
 
 Started by launcher.WorkerGroup as `python -m llm_service.distributed.worker ARGS_JSON`.
 It joins rank 0's process group, builds the same ModelRunner as rank 0 over its own shard
-(the KV-cache block count is agreed inside), then runs every step rank 0 broadcasts until
-the shutdown header.
+(the KV-cache block count is agreed inside), then runs every step rank 0 sends until the
+shutdown header. Its host runs ahead of its GPU, as rank 0's does: the step headers arrive on
+the host (step.py), and nothing else on the way reads a device value, so it queues the next
+step while the GPU still runs this one. On shutdown it waits for its GPU before it leaves
+the group (distributed.stop_group): what it queued needs rank 0's side, which rank 0 queued
+before sending the shutdown header.
 
 It never outlives rank 0: a thread watches the parent pid (PR_SET_PDEATHSIG would fire
 when the *thread* that started us exits, and rank 0 starts workers from a worker thread),
-and a collective with a dead gloo peer fails by itself. It ignores SIGINT: Ctrl-C in a
-terminal reaches the whole process group, and rank 0 alone decides when the workers stop.
+and the wait for the next header (gloo) fails by itself once rank 0's end of it is gone;
+the worker then exits at once (os._exit: no interpreter teardown that could wait on a
+collective left hanging on its GPU). It ignores SIGINT: Ctrl-C in a terminal reaches the
+whole process group, and rank 0 alone decides when the workers stop.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 
 import torch
@@ -59,7 +66,12 @@ def main(argv: list[str]) -> None:
     args = WorkerArgs.from_json(argv[0])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
-    run_worker(args)
+    try:
+        run_worker(args)
+    except BaseException:  # noqa: BLE001 - any failure ends this rank; rank 0's watchdog reports it
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":
