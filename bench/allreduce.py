@@ -8,11 +8,14 @@ Spawns one process per GPU (2 by default) and joins them through `start_group` w
    from a CUDA graph must equal NCCL's `dist.all_reduce` bit for bit and be bit-identical on every
    rank; 48 eager calls of mixed sizes back to back; a graph mixing our path and NCCL (fp16, too large);
    and a chain of 64 dependent all-reduces in one graph, replayed 20 times, against the same chain
-   through NCCL (a buffer reused before a peer had read it would show here);
+   through NCCL (a buffer reused before a peer had read it would show here); with `ll`, the fused
+   all-reduce + residual add + RMSNorm against NCCL + the norm kernel (eager, and in a graph chain
+   interleaved with plain all-reduces);
 2. timing (unless --check-only): us per all-reduce, 64 back to back in one CUDA graph, replayed, for
    8 KB .. 8 MiB bf16 (past the serving thresholds too): NCCL, symm, ll (up to its 512 KB) and torch's
    two-shot (copy in, two_shot_all_reduce_, copy out); the same eagerly (host launch included); and a
-   decode-like graph, 64 x ([1,2048] @ [2048,4096] bf16 as in a tp=2 o_proj, then its all-reduce).
+   decode-like graph, 64 x ([1,2048] @ [2048,4096] bf16 as in a tp=2 o_proj, then its all-reduce); and
+   all-reduce + residual add + RMSNorm of [1,4096] bf16: fused against ll or symm followed by the norm.
 
 --e2e-mode MODE instead times the engine's whole decode step at tp=2 with PRISM_ALLREDUCE=MODE
 (bench/decode_graphs.py's model: Llama-2-7B layer shapes x --e2e-layers, bf16); one mode per process.
@@ -49,11 +52,13 @@ sys.path.insert(0, str(ROOT))
 
 from llm_service import distributed as tp  # noqa: E402
 from llm_service.distributed import symm_allreduce  # noqa: E402
+from llm_service.layers.triton_fused import rms_norm  # noqa: E402
 
 SHAPES = [(1, 4096), (8, 4096), (64, 4096)]
 DTYPES = [torch.bfloat16, torch.float32]
 SIZES_KB = [8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 CALLS, REPLAYS, CHAIN, CHAIN_REPLAYS = 64, 20, 64, 20
+EPS = 1e-5  # RMSNorm's
 
 
 def _inputs(shape, dtype, rank: int, seed: int, device) -> torch.Tensor:
@@ -128,8 +133,62 @@ def check(rank: int, device) -> list:
             _check_variant(c, name, variant, rank, device)
         finally:
             tp._TP.fast = fast
+    if fast.ll is not None:
+        _check_norm(c, fast, rank, device)
     torch.cuda.synchronize()
     return c.results
+
+
+def _unfused(x, residual, weight):
+    """NCCL's sum, then the decoder's residual add + RMSNorm kernel: what the fused kernel replaces."""
+    return rms_norm(_nccl(x), weight, EPS, residual)
+
+
+def _check_norm(c: Checks, fast, rank: int, device) -> None:
+    """ll_allreduce's fused all-reduce + residual add + RMSNorm against NCCL + the norm kernel:
+    the residual bit for bit, the output within a bf16 rounding (the sum of squares is taken in
+    another order), the same bits on every rank; eagerly and in a graph that interleaves it with
+    plain all-reduces (they share the call counter and the receive halves)."""
+    for dtype in DTYPES:
+        for rows in (1, 4, 8):
+            x = _inputs((rows, 4096), dtype, rank, rows, device)
+            res = _inputs((rows, 4096), dtype, 0, 50 + rows, device)  # the residual is the same on every rank
+            w = _inputs((4096,), dtype, 0, 60, device) * 0.1 + 1
+            name = f"fused norm {rows}x4096 {dtype}"
+            c.record(f"{name} fits", fast.ll.fits_rms_norm(x, res))
+            want_res = res.clone()
+            want = _unfused(x.clone(), want_res, w)
+            got_res = res.clone()
+            got = fast.ll.reduce_rms_norm_(x.clone(), got_res, w, EPS)
+            c.record(f"{name}: residual == NCCL + add", torch.equal(_bits(got_res), _bits(want_res)))
+            c.record(f"{name}: output ~ NCCL + norm", torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
+            c.record(f"{name}: same bits on every rank", _same_on_all_ranks(got))
+    xs = [_inputs((1, 4096), torch.bfloat16, rank, 70 + i, device) for i in range(4)]
+    res0 = _inputs((1, 4096), torch.bfloat16, 0, 80, device)
+    w = _inputs((4096,), torch.bfloat16, 0, 81, device) * 0.1 + 1
+    statics = [t.clone() for t in xs]
+    res = res0.clone()
+
+    def layers(fused):
+        h = statics[0]
+        for i in range(CHAIN):  # a decoder's pattern: reduce + norm, then a plain all-reduce
+            h = fused(h * 0.5 + statics[i % 4], res, w)
+            tp.all_reduce(h)
+        return h
+
+    graph = _capture(lambda: statics.append(layers(lambda h, r, w: fast.ll.reduce_rms_norm_(h, r, w, EPS))))
+    out = statics.pop()
+    for trial in range(2):
+        res.copy_(res0)
+        graph.replay()
+        got, got_res = out.clone(), res.clone()
+        res.copy_(res0)
+        want = layers(_unfused)
+        c.record(f"fused norm: chain of {CHAIN} in a graph, replay {trial}: residual close",
+                 torch.allclose(got_res.float(), res.float(), rtol=5e-2, atol=5e-2))
+        c.record(f"fused norm: chain of {CHAIN} in a graph, replay {trial}: output close",
+                 torch.allclose(got.float(), want.float(), rtol=5e-2, atol=5e-2))
+        c.record(f"fused norm: chain replay {trial}: same bits on every rank", _same_on_all_ranks(got))
 
 
 def _check_variant(c: Checks, name: str, fast, rank: int, device) -> None:
@@ -262,7 +321,19 @@ def timing(rank: int, device) -> dict:
         decode[f"{name}_ms"] = _timed(graph.replay, device, REPLAYS)
     if rank == 0:
         print("DECODE-LIKE", json.dumps({k: round(v, 4) for k, v in decode.items()}), flush=True)
-    return {"sizes": rows, "decode_like": decode}
+    norm = {}
+    if fast is not None and fast.ll is not None:  # all-reduce + residual add + RMSNorm of [1, 4096] bf16
+        x, res = torch.randn(1, 4096, device=device).to(torch.bfloat16), torch.zeros(1, 4096, device=device)
+        res, w = res.to(torch.bfloat16), torch.ones(4096, device=device).to(torch.bfloat16)
+        for name, fn in (("fused", lambda: fast.ll.reduce_rms_norm_(x, res, w, EPS)),
+                         ("ll_then_norm", lambda: rms_norm(fast.ll.reduce_(x), w, EPS, res)),
+                         ("symm_then_norm", lambda: rms_norm(dataclasses.replace(fast, ll=None).reduce_(x), w, EPS, res))):
+            fn()
+            graph = _capture(lambda: [fn() for _ in range(CALLS)])
+            norm[f"{name}_us"] = _timed(graph.replay, device, REPLAYS) * 1e3 / CALLS
+        if rank == 0:
+            print("ALLREDUCE+NORM", json.dumps({k: round(v, 2) for k, v in norm.items()}), flush=True)
+    return {"sizes": rows, "decode_like": decode, "allreduce_norm": norm}
 
 
 def _worker(rank: int, world: int, store_path: str, result_path: str, check_only: bool, paths: list) -> None:

@@ -13,6 +13,10 @@ half h. Flags come from a call counter on the device, the same on every rank (sa
 order); the program that finishes a call last advances it. Flags never repeat for 2^32 - 1 calls,
 and a slot is trusted only when its flag is this call's.
 
+The same exchange also runs fused with what follows every row-parallel layer of a decoder:
+`reduce_rms_norm_` sums a decode batch's rows over the ranks, adds them to the residual and
+normalises, one program a row, in one launch instead of an all-reduce and a norm kernel.
+
 Sums: bf16 pairs with `fma.rn.bf16x2` (x * 1 + y: one rounding, as NCCL and torch's __hadd2),
 fp32 with an fp32 add; rank 0 + 1 + ... on every rank, so every rank gets the same bits.
 
@@ -36,6 +40,8 @@ except ImportError:
 AVAILABLE: bool = triton is not None
 BLOCK = 1024  # 4-byte words per program
 MAX_PROGRAMS = 128  # every program of both ranks resident at once: no spin waits on an unscheduled one
+MAX_NORM_ROWS = 8  # the fused all-reduce + RMSNorm: decode batches of the GEMV's size, a program a row
+NORM_ROW_BYTES = 16384  # hidden sizes up to 8192 in bf16 (4096 in fp32)
 
 
 if AVAILABLE:
@@ -56,16 +62,11 @@ if AVAILABLE:
         return (acc.to(tl.float32, bitcast=True) + v.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
 
     @triton.jit
-    def _ll_all_reduce(x_ptr, n_words, ptrs_ptr, epoch_ptr, done_ptr, rank,
-                       WORLD: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
-                       IS_BF16: tl.constexpr, ASM: tl.constexpr):
-        pid = tl.program_id(0)
-        call = tl.load(epoch_ptr) + 1  # int64, the same on every rank for the same call
-        half = call % 2
-        flag = call % 0xFFFFFFFF + 1  # 1 .. 2^32 - 1: never the 0 of a slot nobody wrote
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_words
-        words = tl.load(x_ptr + offs, mask=mask, other=0)
+    def _exchange(words, offs, mask, ptrs_ptr, half, flag, rank,
+                  WORLD: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                  IS_BF16: tl.constexpr, ASM: tl.constexpr):
+        """Send this rank's `words` (at word offsets `offs`) to every peer, wait for theirs, and
+        return the sum over the ranks in rank order."""
         packet = (flag << 32) | (words.to(tl.int64) & 0xFFFFFFFF)
         for p in tl.static_range(WORLD):  # send: into every peer's slot for this rank
             if p != rank:
@@ -88,12 +89,83 @@ if AVAILABLE:
                 acc = v
             else:
                 acc = _add_words(acc, v, ones, IS_BF16, ASM)
-        tl.store(x_ptr + offs, acc, mask=mask)
-        # the last program of this call advances the counter for the next one
+        return acc
+
+    @triton.jit
+    def _call_flag(epoch_ptr):
+        """This call's number (the same on every rank), receive-buffer half and packet flag."""
+        call = tl.load(epoch_ptr) + 1  # int64
+        return call, call % 2, call % 0xFFFFFFFF + 1  # flag 1 .. 2^32 - 1: never a zeroed slot's 0
+
+    @triton.jit
+    def _end_call(epoch_ptr, done_ptr, call):
+        """The last program of this call advances the counter for the next one."""
         arrived = tl.atomic_add(done_ptr, 1, sem="acq_rel")
         if arrived == tl.num_programs(0) - 1:
             tl.store(epoch_ptr, call)
             tl.store(done_ptr, 0)
+
+    @triton.jit
+    def _ll_all_reduce(x_ptr, n_words, ptrs_ptr, epoch_ptr, done_ptr, rank,
+                       WORLD: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                       IS_BF16: tl.constexpr, ASM: tl.constexpr):
+        call, half, flag = _call_flag(epoch_ptr)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_words
+        words = tl.load(x_ptr + offs, mask=mask, other=0)
+        acc = _exchange(words, offs, mask, ptrs_ptr, half, flag, rank, WORLD, MAX_WORDS, BLOCK, IS_BF16, ASM)
+        tl.store(x_ptr + offs, acc, mask=mask)
+        _end_call(epoch_ptr, done_ptr, call)
+
+    @triton.jit
+    def _lanes(words, IS_BF16: tl.constexpr):
+        """4-byte words as fp32 values: the (low, high) bf16 of each word, or the fp32 word twice."""
+        if IS_BF16:
+            return (words << 16).to(tl.float32, bitcast=True), (words & -65536).to(tl.float32, bitcast=True)
+        f = words.to(tl.float32, bitcast=True)
+        return f, f
+
+    @triton.jit
+    def _pack(lo, hi, IS_BF16: tl.constexpr):
+        """The inverse of `_lanes` for values already rounded to the model dtype."""
+        if IS_BF16:
+            lo16 = lo.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            return (hi.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) << 16) | lo16
+        return lo.to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _round(x, IS_BF16: tl.constexpr):
+        if IS_BF16:
+            return x.to(tl.bfloat16).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _ll_all_reduce_rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, row_words, hidden, eps,
+                                ptrs_ptr, epoch_ptr, done_ptr, rank,
+                                WORLD: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                                IS_BF16: tl.constexpr, ASM: tl.constexpr):
+        """One row a program: x summed over the ranks, then residual += x and out = RMSNorm(residual),
+        rounding where triton_fused._rms_norm_kernel does. All four tensors are contiguous rows of
+        `row_words` 4-byte words; fp32 rows use only the low lane."""
+        call, half, flag = _call_flag(epoch_ptr)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < row_words
+        offs = tl.program_id(0) * row_words + cols
+        words = tl.load(x_ptr + offs, mask=mask, other=0)
+        acc = _exchange(words, offs, mask, ptrs_ptr, half, flag, rank, WORLD, MAX_WORDS, BLOCK, IS_BF16, ASM)
+        a_lo, a_hi = _lanes(acc, IS_BF16)
+        r_lo, r_hi = _lanes(tl.load(res_ptr + offs, mask=mask, other=0), IS_BF16)
+        s_lo, s_hi = _round(a_lo + r_lo, IS_BF16), _round(a_hi + r_hi, IS_BF16)
+        tl.store(res_ptr + offs, _pack(s_lo, s_hi, IS_BF16), mask=mask)
+        squares = s_lo * s_lo
+        if IS_BF16:
+            squares += s_hi * s_hi
+        inv = 1.0 / tl.sqrt(tl.sum(tl.where(mask, squares, 0.0), axis=0) / hidden + eps)
+        w_lo, w_hi = _lanes(tl.load(w_ptr + cols, mask=mask, other=0), IS_BF16)
+        o_lo = w_lo * _round(s_lo * inv, IS_BF16)
+        o_hi = w_hi * _round(s_hi * inv, IS_BF16)
+        tl.store(out_ptr + offs, _pack(o_lo, o_hi, IS_BF16), mask=mask)
+        _end_call(epoch_ptr, done_ptr, call)
 
 
 @dataclass
@@ -122,6 +194,27 @@ class LLAllReduce:
             WORLD=self.world, MAX_WORDS=self.max_bytes // 4, BLOCK=BLOCK,
             IS_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_warps=4)
         return x
+
+    def fits_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """Whether `reduce_rms_norm_` takes [rows, hidden] x: few rows (one program each, all
+        resident), each a whole number of words, x and residual alike."""
+        rows, hidden = x.shape
+        return (self.fits(x) and rows <= MAX_NORM_ROWS and hidden * x.element_size() <= NORM_ROW_BYTES
+                and residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous())
+
+    def reduce_rms_norm_(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+        """x summed over the ranks, then residual += x in place; returns RMSNorm(residual) * weight
+        (x must `fits_rms_norm`). One launch instead of an all-reduce and a norm."""
+        rows, hidden = x.shape
+        row_words = hidden * x.element_size() // 4
+        out = torch.empty_like(x)
+        _ll_all_reduce_rms_norm[(rows,)](
+            x.view(torch.int32), residual.view(torch.int32), weight.view(torch.int32), out.view(torch.int32),
+            row_words, hidden, eps, self.ptrs, self.epoch, self.done, self.rank,
+            WORLD=self.world, MAX_WORDS=self.max_bytes // 4, BLOCK=triton.next_power_of_2(row_words),
+            IS_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_warps=8)
+        return out
 
 
 def make(recv: torch.Tensor, handle, rank: int, world: int, max_bytes: int) -> LLAllReduce:

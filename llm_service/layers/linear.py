@@ -120,7 +120,13 @@ class RowParallelLinear(LinearBase):
         shard = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.tp_rank * shard, shard))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """reduce=False returns this rank's partial sums, for a next layer that sums them
+        (a norm with reduce=True); only without a bias, which is added after the sum."""
         y = project(x, self.weight, None, self.use_gemv)
+        if not reduce:
+            if self.bias is not None:
+                raise ValueError("a row-parallel layer with a bias must reduce its own output")
+            return y
         all_reduce(y)
         return y if self.bias is None else y + self.bias

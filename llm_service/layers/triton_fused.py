@@ -5,11 +5,13 @@ than the work, and a 7B step has 32 layers of them. Each kernel here is one laun
 rounds where transformers rounds (the residual sum, the normalised row, the SiLU output
 are cast to the model dtype before the next multiply), so bf16 results match transformers
 to fp32 summation order. The module imports without triton; `AVAILABLE` says whether
-the kernels can run.
+the kernels can run. Both launch with programmatic dependent launch where available (pdl.py).
 """
 from __future__ import annotations
 
 import torch
+
+from llm_service.layers import pdl
 
 try:
     import triton
@@ -25,11 +27,16 @@ if AVAILABLE:
     @triton.jit
     def _rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, H, eps, stride_x, stride_res, stride_out,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr,
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < H
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)  # a weight: safe before the wait
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
         if HAS_RESIDUAL:  # residual <- x + residual, rounded to the model dtype, then normalised
             r = tl.load(res_ptr + row * stride_res + cols, mask=ok, other=0.0)
@@ -38,11 +45,13 @@ if AVAILABLE:
         xf = x.to(tl.float32)
         inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
         y = (xf * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + cols, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_out, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_out, PDL: tl.constexpr, BLOCK: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < I
@@ -65,6 +74,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _rms_norm_kernel[(T,)](
         x, res, weight, out, H, eps, x.stride(0), res.stride(0), out.stride(0),
         HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(H), num_warps=4 if H <= 4096 else 8,
+        **pdl.launch(x.device),
     )
     return out
 
@@ -79,5 +89,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.stride(1) != 1:
         raise ValueError("silu_and_mul needs rows contiguous along the feature dimension")
     block = min(1024, triton.next_power_of_2(inter))
-    _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](x, out, inter, x.stride(0), out.stride(0), BLOCK=block)
+    _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](x, out, inter, x.stride(0), out.stride(0), BLOCK=block,
+                                                         **pdl.launch(x.device))
     return out

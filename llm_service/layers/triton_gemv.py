@@ -8,11 +8,15 @@ so many independent loads are in flight per SM and only W comes from HBM.
 
 One row of x: each K slice is multiplied and summed in fp32 right away (a few rows and a
 wide slice per program measured best); 2..8 rows use tl.dot (IEEE for fp32, so fp32 models
-stay exact to fp32 rounding).
+stay exact to fp32 rounding). Under programmatic dependent launch (pdl.py) each program
+loads its first K slice of W before waiting for the previous kernel, so the weight stream
+starts while that kernel finishes.
 """
 from __future__ import annotations
 
 import torch
+
+from llm_service.layers import pdl
 
 try:
     import triton
@@ -27,18 +31,34 @@ MAX_ROWS = 8  # beyond this a step is a GEMM: cuBLAS
 if AVAILABLE:
 
     @triton.jit
+    def _dot(x, w, acc, IEEE: tl.constexpr):
+        """acc + x W^T over one K slice; IEEE keeps fp32 models exact to fp32 rounding."""
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        return acc
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        # the first K slice of W streams in before the wait: weights are never written by a kernel
+        w = tl.load(w_ptrs, mask=n_ok[:, None] & (rk < K)[None, :], other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
         if BLOCK_M == 1:
-            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+            acc1 = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            for k0 in range(BLOCK_K, K, BLOCK_K):
                 k_ok = k0 + rk < K
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 x = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0)
@@ -47,21 +67,18 @@ if AVAILABLE:
         else:
             rm = tl.arange(0, BLOCK_M)
             x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & (rk < K)[None, :], other=0.0)
+            acc = _dot(x, w, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
+            for k0 in range(BLOCK_K, K, BLOCK_K):
                 k_ok = k0 + rk < K
                 w = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 x = tl.load(x_ptrs + k0, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
-                if IEEE:
-                    acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(x, tl.trans(w), acc)
+                acc = _dot(x, w, acc, IEEE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         rm_out = tl.arange(0, BLOCK_M)
         y_ptrs = y_ptr + rm_out[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm_out[:, None] < M) & n_ok[None, :])
-
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
@@ -90,5 +107,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch(x.device),
     )
     return y

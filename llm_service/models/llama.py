@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llm_service.distributed import tp_size
 from llm_service.layers.activation import SiluAndMul
 from llm_service.layers.attention import Attention, AttentionMetadata
 from llm_service.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -57,13 +58,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(a.num_heads * a.head_dim, a.hidden_size, a.attention_bias)
         self.attn = Attention(self.num_heads, self.num_kv_heads, a.head_dim, a.head_dim**-0.5)
 
-    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, rope, meta).flatten(1))
+        return self.o_proj(self.attn(q, k, v, rope, meta).flatten(1), reduce)
 
 
 class LlamaMLP(nn.Module):
@@ -73,13 +74,20 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(a.intermediate_size, a.hidden_size, a.mlp_bias)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)), reduce)
+
+
+def sums_in_norms(a: LlamaArgs) -> bool:
+    """Whether the row-parallel projections (o_proj, down_proj) leave their all-reduce to the
+    next RMSNorm, which fuses it with the residual add and the norm: under TP, without biases."""
+    return tp_size() > 1 and not a.attention_bias and not a.mlp_bias
 
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, a: LlamaArgs):
         super().__init__()
+        self.partial = sums_in_norms(a)
         self.self_attn = LlamaAttention(a)
         self.mlp = LlamaMLP(a)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
@@ -89,14 +97,16 @@ class LlamaDecoderLayer(nn.Module):
         self, rope: Rope, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h: the previous sublayer's output, not yet added to `residual` (None before the
-        first layer). Each norm adds it, so the adds fuse into the norm kernels."""
+        first layer; then h is the embeddings). Each norm adds it, so the adds fuse into the
+        norm kernels; with `partial` h is a row-parallel layer's partial sums, and the norm
+        all-reduces them too."""
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
-            x, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(rope, x, meta)
-        x, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(x), residual
+            x, residual = self.input_layernorm(h, residual, reduce=self.partial)
+        h = self.self_attn(rope, x, meta, reduce=not self.partial)
+        x, residual = self.post_attention_layernorm(h, residual, reduce=self.partial)
+        return self.mlp(x, reduce=not self.partial), residual
 
 
 class LlamaModel(nn.Module):
@@ -106,6 +116,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(a.head_dim, max_positions, a.rope)
         self.layers = nn.ModuleList(LlamaDecoderLayer(a) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.partial = sums_in_norms(a)  # the last layer's output: partial sums for the final norm
 
     def forward(
         self,
@@ -122,7 +133,7 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             h, residual = layer(rope, h, residual, meta)
-        return self.norm(h, residual)[0]
+        return self.norm(h, residual, reduce=self.partial)[0]
 
 
 class LlamaForCausalLM(nn.Module):

@@ -95,3 +95,54 @@ def test_gemv_equals_linear(dtype, rows, n, k):
     torch.testing.assert_close(got.double(), want, **tol)
     with pytest.raises(ValueError, match="at most"):
         gemv(torch.randn(MAX_ROWS + 1, k, dtype=dtype, device="cuda"), w)
+
+
+def _layer_chain(x, res, norm_w, w_up, w_down, steps):
+    """A decoder-MLP-shaped chain of dependent kernels (norm -> GEMV -> SiLU*up -> GEMV), repeated."""
+    from llm_service.layers.triton_fused import rms_norm, silu_and_mul
+
+    for _ in range(steps):
+        h = rms_norm(x, norm_w, 1e-5, res)
+        x = gemv(silu_and_mul(gemv(h, w_up)), w_down)
+    return x
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_pdl_chain_in_a_graph_matches_plain_launches(monkeypatch, rows):
+    """Programmatic dependent launch lets each kernel start before the previous one ends; a wait
+    placed wrong would read stale activations. The same chain, eager and replayed from a CUDA graph
+    with PDL, must give the bits of the chain launched without it."""
+    from llm_service.layers import pdl
+
+    dev = torch.device("cuda")
+    if not pdl.enabled(dev):
+        pytest.skip("PDL needs compute capability >= 9")
+    torch.manual_seed(0)
+    hidden, inter = 1024, 2816
+    x = torch.randn(rows, hidden, dtype=torch.bfloat16, device=dev)
+    res = torch.randn_like(x)
+    norm_w = torch.rand(hidden, device=dev).to(torch.bfloat16) + 0.5
+    w_up = (torch.randn(2 * inter, hidden, device=dev) / hidden**0.5).to(torch.bfloat16)
+    w_down = (torch.randn(hidden, inter, device=dev) / inter**0.5).to(torch.bfloat16)
+
+    monkeypatch.setenv("PRISM_PDL", "0")
+    pdl.enabled.cache_clear()
+    r0 = res.clone()
+    want = _layer_chain(x, r0, norm_w, w_up, w_down, 24)
+    monkeypatch.setenv("PRISM_PDL", "1")
+    pdl.enabled.cache_clear()
+    assert pdl.enabled(dev)
+    r1 = res.clone()
+    torch.testing.assert_close(_layer_chain(x, r1, norm_w, w_up, w_down, 24), want, atol=0, rtol=0)
+    torch.testing.assert_close(r1, r0, atol=0, rtol=0)
+
+    static_x, static_res = x.clone(), res.clone()
+    _layer_chain(static_x, static_res.clone(), norm_w, w_up, w_down, 1)  # compile before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _layer_chain(static_x, static_res, norm_w, w_up, w_down, 24)
+    for _ in range(3):
+        static_res.copy_(res)
+        graph.replay()
+        torch.testing.assert_close(out, want, atol=0, rtol=0)
+        torch.testing.assert_close(static_res, r0, atol=0, rtol=0)
