@@ -1,6 +1,7 @@
-"""Check the Triton paged-attention kernels against a float64 torch reference, then time decode.
+"""Check the Triton paged-attention kernels against a float64 torch reference, then time them.
 
 GPU:  PYTHONUNBUFFERED=1 python bench/kernels_check.py            (checks + timings, $OUT/kernels.json)
+      PYTHONUNBUFFERED=1 python bench/kernels_check.py --w13      (checks, then only the W1/W3 timings)
 CPU:  TRITON_INTERPRET=1 python bench/kernels_check.py --quick    (small checks in Triton's interpreter)
 
 Timings are per attention call of one layer, replayed from a CUDA graph that walks through enough
@@ -146,11 +147,16 @@ def run_checks(device: str, quick: bool) -> list[dict]:
         print(f"{'ok  ' if ok else 'FAIL'} rel={rel:.2e} max={mx:.2e}  {name}", flush=True)
 
     mixed = [(0, 37), (48, 20), (100, 1), (256, 128), (0, 1), (5, 300), (1000, 3)]
+    # short prefills (the split kernel): no prefix, W3-like prefixes, a decode row, a sequence with
+    # no queries, and last PrefillGraphs' padding (queries, seq_len set to 0)
+    short = [(0, 9), (780, 16), (780, 32), (1000, 64), (33, 1), (0, 64), (200, 0), (0, 40)]
     small = [(0, 9), (16, 7), (33, 1), (0, 1), (40, 20)]
     if quick:  # fp16, not bf16: the interpreter's bf16 tl.dot is wrong (Triton 3.6)
         shapes = [(4, 2, 16, 16, torch.float32), (4, 4, 16, 32, torch.float16), (8, 2, 64, 16, torch.float32),
-                  (2, 1, 128, 16, torch.float32), (2, 2, 80, 64, torch.float16), (7, 1, 16, 256, torch.float16)]
+                  (2, 1, 128, 16, torch.float32), (2, 2, 80, 64, torch.float16), (7, 1, 16, 256, torch.float16),
+                  (7, 1, 16, 16, torch.float32)]
         mixed, dec_lens, splits = small, [0, 1, 17, 64, 130, 5], [1, 3, 8]
+        short = [(0, 9), (70, 16), (130, 32), (33, 1), (5, 3), (40, 0), (0, 12)]
     else:
         shapes = [(32, 32, 128, 16, torch.bfloat16), (32, 32, 128, 64, torch.bfloat16),
                   (32, 32, 128, 32, torch.float16), (28, 4, 128, 64, torch.bfloat16),
@@ -161,53 +167,101 @@ def run_checks(device: str, quick: bool) -> list[dict]:
 
     for hq, hkv, d, page, dt in shapes:
         try:
-            check_shape(hq, hkv, d, page, dt, mixed, dec_lens, splits, device, gen, record)
+            check_shape(hq, hkv, d, page, dt, mixed, short, dec_lens, splits, quick, device, gen, record)
         except Exception as e:  # keep going: one broken shape must not hide the others
             record(f"{hq}/{hkv} D={d} page={page} {dt}: {type(e).__name__}: {e}", False)
+    record("split counters all back to 0", all(not c.any() for c in ta._COUNTERS.values()))
     if device == "cuda":
-        try:
-            results += check_graph(gen)
-        except Exception as e:
-            record(f"cuda graph: {type(e).__name__}: {e}", False)
+        for check in (check_graph, check_prefill_graph):
+            try:
+                check(gen, record)
+            except Exception as e:
+                record(f"{check.__name__}: {type(e).__name__}: {e}", False)
     return results
 
 
-def check_shape(hq, hkv, d, page, dt, mixed, dec_lens, splits, device, gen, record) -> None:
-    """A mixed prefill batch and a decode batch (with padding rows) for one head layout and dtype."""
+def check_shape(hq, hkv, d, page, dt, mixed, short, dec_lens, splits, quick, device, gen, record) -> None:
+    """A mixed prefill batch, a short-prefill batch and a decode batch (with padding rows) for one
+    head layout and dtype; both attention kernels, forced split counts, merged by the last split
+    program (fold) or by the merge kernel. In the interpreter the split runs use 16-key tiles so
+    that short sequences span several splits, some of them empty."""
+    scale = d ** -0.5
     # prefill, prefix-cache hits, chunked prefill and a decode row, in one packed batch
     case = Case(mixed, hq, hkv, d, page, dt)
     store_ok, (q, kc, vc, bt, cu, lens) = build(case, device, gen)
     record(f"store_kvcache {case}", store_ok)
-    ref = reference(q, kc, vc, bt, cu, lens, d ** -0.5)
+    ref = reference(q, kc, vc, bt, cu, lens, scale)
     max_q = max(n for _, n in case.seqs)
     for mq in (max_q, None):
-        out = poisoned_call(lambda: ta.paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=mq),
+        out = poisoned_call(lambda: ta.paged_attention(q, kc, vc, bt, cu, lens, scale, max_q_len=mq),
                             q.shape, dt, device)
         record(f"prefill max_q_len={mq} {case}", *compare(out, ref, dt))
+    out = poisoned_call(lambda: _kernel_out(ta._prefill, q, kc, vc, bt, cu, lens, scale, max_q), q.shape, dt, device)
+    record(f"prefill kernel {case}", *compare(out, ref, dt))
+
+    # short prefills: the split kernel against the prefill kernel's reference
+    case = Case(short, hq, hkv, d, page, dt, extra_cols=5)
+    _, (q, kc, vc, bt, cu, lens) = build(case, device, gen)
+    lens[-1] = 0  # PrefillGraphs' padding rows: queries, no keys, zero output
+    pad = slice(int(cu[-2]), int(cu[-1]))
+    ref = reference(q, kc, vc, bt, cu, lens, scale)
+    max_q = max(n for _, n in case.seqs)
+    split_runs(q, kc, vc, bt, cu, lens, scale, max_q, ref, pad, splits, quick, f"short prefill {case}", record)
+    out = ta.paged_attention(q, kc, vc, bt, cu, lens, scale, max_q_len=max_q)
+    zero = bool((out[pad] == 0).all())
+    ok, rel, mx = compare(out, ref, dt)
+    split = ta._use_split(q, kc, bt, max_q)
+    record(f"short prefill via paged_attention (split kernel: {split}) {case} zero-pad={zero}", ok and zero, rel, mx)
 
     # decode: many lengths, seq_len 0 padding rows, forced split counts
     case = Case([(max(L - 1, 0), 1) for L in dec_lens], hq, hkv, d, page, dt, extra_cols=5)
     _, (q, kc, vc, bt, cu, lens) = build(case, device, gen)
     lens[torch.tensor(dec_lens, device=device) == 0] = 0  # padding: one q row, no keys
-    ref = reference(q, kc, vc, bt, cu, lens, d ** -0.5)
-    for ns in splits:
-        out = poisoned_call(lambda: _decode_out(q, kc, vc, bt, cu, lens, d ** -0.5, ns), q.shape, dt, device)
-        zero = bool((out[lens == 0] == 0).all())
-        ok, rel, mx = compare(out, ref, dt)
-        record(f"decode splits={ns} {case} zero-pad={zero}", ok and zero, rel, mx)
-    out = ta.paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5)  # max_q_len None, T == B
+    ref = reference(q, kc, vc, bt, cu, lens, scale)
+    split_runs(q, kc, vc, bt, cu, lens, scale, 1, ref, lens == 0, splits, quick, f"decode {case}", record)
+    out = ta.paged_attention(q, kc, vc, bt, cu, lens, scale)  # max_q_len None, T == B
     record(f"decode via paged_attention {case}", *compare(out, ref, dt))
 
 
-def _decode_out(q, kc, vc, bt, cu, lens, scale, num_splits):
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    ta._decode(q, kc, vc, bt, cu, lens, scale, out, num_splits=num_splits)
+def split_runs(q, kc, vc, bt, cu, lens, scale, max_q, ref, pad, splits, quick, name, record) -> None:
+    """The split kernel at each split count, folded and with the merge kernel; `pad` rows must be 0."""
+    for ns in splits:
+        for fold in (True, False) if ns != 1 else (True,):
+            bn = 16 if quick and ns != 1 else 64
+            out = poisoned_call(lambda: _kernel_out(ta._split_k, q, kc, vc, bt, cu, lens, scale, max_q,
+                                                    num_splits=ns, fold=fold, block_n=bn), q.shape, q.dtype, q.device)
+            zero = bool((out[pad] == 0).all())
+            ok, rel, mx = compare(out, ref, q.dtype)
+            record(f"{name} splits={ns} fold={fold} block_n={bn} zero-pad={zero}", ok and zero, rel, mx)
+
+
+def _kernel_out(kernel, q, kc, vc, bt, cu, lens, scale, max_q, **knobs):
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=q.device)  # unwritten rows show
+    kernel(q, kc, vc, bt, cu, lens, scale, out, max_q, **knobs)
     return out
 
 
-def check_graph(gen) -> list[dict]:
+def replay_checks(g, out, fill, cases, reference_of, pad_of, name, record, repeats: int = 50) -> None:
+    """For each case: fill the static inputs, replay, check against the reference (and zero padding
+    rows), then replay `repeats` more times and require bitwise the same output: the merge order
+    is fixed, so a partial read before it was visible (a fold race) would show as a difference."""
+    for trial, case in enumerate(cases):
+        fill(case)
+        g.replay()
+        torch.cuda.synchronize()
+        first = out.clone()
+        ok, rel, mx = compare(first, reference_of(), first.dtype)
+        zero = bool((first[pad_of()] == 0).all())
+        same = True
+        for _ in range(repeats):
+            g.replay()
+            same &= bool(torch.equal(out, first))
+        record(f"{name} replay {trial} {case!r:.60} zero-pad={zero} repeat-identical={same}", ok and zero and same,
+               rel, mx)
+
+
+def check_graph(gen, record) -> None:
     """Capture decode once (B=24, fixed width), then replay on new lengths, tables and queries."""
-    res = []
     B, hq, hkv, d, page, dt = 24, 32, 8, 128, 16, torch.bfloat16
     width, num_blocks = 64, 24 * 64
     kc = torch.randn(num_blocks, page, hkv, d, generator=gen).to(dt).cuda()
@@ -228,17 +282,43 @@ def check_graph(gen) -> list[dict]:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = ta.paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=1)
+    cases = []
     for trial in range(3):
         L = torch.randint(0, width * page + 1, (B,), generator=gen).tolist()
         L[trial] = 0
-        fill(L)
-        g.replay()
-        torch.cuda.synchronize()
-        ok, rel, mx = compare(out, reference(q, kc, vc, bt, cu, lens, d ** -0.5), dt)
-        ok = ok and bool((out[lens == 0] == 0).all())
-        res.append(dict(name=f"cuda graph replay {trial}", ok=ok, rel=rel, maxabs=mx))
-        print(f"{'ok  ' if ok else 'FAIL'} rel={rel:.2e} max={mx:.2e}  cuda graph replay {trial}", flush=True)
-    return res
+        cases.append(L)
+    replay_checks(g, out, fill, cases, lambda: reference(q, kc, vc, bt, cu, lens, d ** -0.5),
+                  lambda: lens == 0, "cuda graph decode", record)
+
+
+def check_prefill_graph(gen, record) -> None:
+    """PrefillGraphs' layout for LLaVA-1.5-7B: sequence 0's n <= 32 new tokens after a cached prefix,
+    the rest padding rows as sequence 1 of length 0, block table [2, 64] at page 64; captured once,
+    replayed on new prefixes, n, tables and queries."""
+    hq, hkv, d, page, dt, size, width = 32, 32, 128, 64, torch.bfloat16, 32, 64
+    num_blocks = 2 * width
+    kc = torch.randn(num_blocks, page, hkv, d, generator=gen).to(dt).cuda()
+    vc = torch.randn(num_blocks, page, hkv, d, generator=gen).to(dt).cuda()
+    q = torch.zeros(size, hq, d, dtype=dt, device="cuda")
+    bt = torch.zeros(2, width, dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, size, size], dtype=torch.int32, device="cuda")
+    lens = torch.zeros(2, dtype=torch.int32, device="cuda")
+
+    def fill(case):
+        ctx, n = case
+        q.copy_(torch.randn(size, hq, d, generator=gen).to(dt))
+        bt[0].copy_(torch.randperm(num_blocks, generator=gen)[:width].int())
+        cu.copy_(torch.tensor([0, n, size], dtype=torch.int32))
+        lens.copy_(torch.tensor([ctx + n, 0], dtype=torch.int32))
+
+    ta.paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=size)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ta.paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=size)
+    name = f"cuda graph short prefill (split kernel: {ta._use_split(q, kc, bt, size)})"
+    replay_checks(g, out, fill, [(780, 16), (780, 32), (0, 20), (3000, 7), (64, 32), (4064, 32)],
+                  lambda: reference(q, kc, vc, bt, cu, lens, d ** -0.5), lambda: slice(int(cu[1]), size), name, record)
 
 
 # ----------------------------------------------------------------------------------- timing
@@ -266,8 +346,9 @@ def graph_time_us(fns, reps: int = 30) -> float:
     return statistics.median(times) * 1000 / len(fns)
 
 
-def decode_setup(bs, ctx, page, hq=32, hkv=32, d=128, dt=torch.bfloat16):
-    """Uniform-length decode batch; `layers` copies of the tables point at disjoint blocks."""
+def decode_setup(bs, ctx, page, hq=32, hkv=32, d=128, dt=torch.bfloat16, width=None):
+    """Uniform-length decode batch; `layers` copies of the tables point at disjoint blocks. width:
+    block-table columns (the engine's is session_len / page), padded with block 0."""
     per_layer = bs * ctx * hkv * d * 2 * 2
     layers = max(1, min(32, math.ceil(256e6 / per_layer)))
     nblk = -(-ctx // page)
@@ -275,24 +356,29 @@ def decode_setup(bs, ctx, page, hq=32, hkv=32, d=128, dt=torch.bfloat16):
     kc = torch.randn(num_blocks, page, hkv, d, device="cuda", dtype=dt)
     vc = torch.randn(num_blocks, page, hkv, d, device="cuda", dtype=dt)
     perm = torch.randperm(num_blocks, device="cuda").int().view(layers, bs, nblk)
+    if width is not None and width > nblk:
+        perm = F.pad(perm, (0, width - nblk))
     q = torch.randn(bs, hq, d, device="cuda", dtype=dt)
     cu = torch.arange(bs + 1, dtype=torch.int32, device="cuda")
     lens = torch.full((bs,), ctx, dtype=torch.int32, device="cuda")
     return dict(q=q, kc=kc, vc=vc, tables=list(perm.unbind(0)), cu=cu, lens=lens, bytes=per_layer)
 
 
-def decode_out(s, **knobs) -> torch.Tensor:
+def decode_out(s, kernel=None, max_q=1, **knobs) -> torch.Tensor:
     out = torch.empty_like(s["q"])
-    ta._decode(s["q"], s["kc"], s["vc"], s["tables"][0], s["cu"], s["lens"], s["q"].shape[-1] ** -0.5, out, **knobs)
+    (kernel or ta._split_k)(s["q"], s["kc"], s["vc"], s["tables"][0], s["cu"], s["lens"], s["q"].shape[-1] ** -0.5,
+                            out, max_q, **knobs)
     return out
 
 
-def time_decode(s, **knobs) -> float:
+def time_decode(s, kernel=None, max_q=1, **knobs) -> float:
+    """µs per call of `kernel` (default the split kernel) on setup `s`, one call per layer's tables."""
     scale = s["q"].shape[-1] ** -0.5
 
     def call(bt):
         out = torch.empty_like(s["q"])
-        return lambda: ta._decode(s["q"], s["kc"], s["vc"], bt, s["cu"], s["lens"], scale, out, **knobs)
+        return lambda: (kernel or ta._split_k)(s["q"], s["kc"], s["vc"], bt, s["cu"], s["lens"], scale, out, max_q,
+                                               **knobs)
 
     return graph_time_us([call(bt) for bt in s["tables"]])
 
@@ -333,7 +419,60 @@ def run_timings(res: dict) -> None:
             print(row, flush=True)
 
     sweep_decode(res, gbs)
+    time_w13(res)
     time_other(res, gbs)
+
+
+def prefill_setup(n, ctx, page=64, width=64):
+    """PrefillGraphs' layout: n new queries after ctx cached keys as sequence 0, an empty padding
+    sequence 1 (seq_len 0, no rows), block tables [2, width]; layers as in decode_setup."""
+    s = decode_setup(1, ctx + n, page, width=width)
+    s["q"] = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
+    s["cu"] = torch.tensor([0, n, n], dtype=torch.int32, device="cuda")
+    s["lens"] = torch.tensor([ctx + n, 0], dtype=torch.int32, device="cuda")
+    s["tables"] = [F.pad(bt, (0, 0, 0, 1)) for bt in s["tables"]]
+    return s
+
+
+def time_w13(res: dict) -> None:
+    """The shapes that decide the defaults, LLaVA-1.5-7B heads (32/32, D=128, bf16), page 64, table
+    width 64 (4096 positions) as the engine's graphs use: W1 decode at bs=1 over 700 keys; W3's
+    16- and 32-token prefills after a 780-token cached prefix. µs per call, the old path first:
+    the decode kernel + merge kernel without PDL (what was there before), the prefill kernel
+    without PDL. Calls run back to back in one graph, so PDL overlaps attention with attention;
+    in the model it overlaps with rope_store and the GEMVs around it."""
+    res["w13"] = []
+    sm = ta._sm_count(torch.device("cuda"))
+
+    def row(name, s, ref, kernel, max_q, **kn):
+        us = time_decode(s, kernel=kernel, max_q=max_q, **kn)
+        out = decode_out(s, kernel=kernel, max_q=max_q, **kn).float()
+        rel = ((out - ref).norm() / ref.norm()).item()
+        res["w13"].append(dict(case=name, kernel=kernel.__name__, knobs=kn, us=us, rel_vs_old=rel))
+        print(f"{name:<34} {kernel.__name__:<9} {str(kn):<50} {us:7.2f} us  rel={rel:.1e}", flush=True)
+
+    s = decode_setup(1, 700, 64, width=64)
+    auto = ta._num_splits(1, 32, 64 * 64, 64, sm)
+    name = f"W1 decode bs=1 ctx=700 (auto {auto} splits)"
+    ref = decode_out(s, fold=False, use_pdl=False).float()
+    for kn in (dict(fold=False, use_pdl=False), dict(fold=False, use_pdl=True), dict(fold=True, use_pdl=False),
+               dict(fold=True, use_pdl=True)) + tuple(dict(fold=True, use_pdl=True, num_splits=n) for n in (4, 8, 32)):
+        attempt(f"{name} {kn}", lambda: row(name, s, ref, ta._split_k, 1, **kn))
+    del s
+    for n in (16, 32):
+        s = prefill_setup(n, 780)
+        _, _, chunks = ta._split_rows(1, n)
+        auto = ta._num_splits(2, 32 * chunks, 64 * 64, 64, sm)
+        name = f"W3 prefill n={n} ctx=780 (auto {auto} splits)"
+        ref = decode_out(s, kernel=ta._prefill, max_q=n, use_pdl=False).float()
+        for on in (False, True):
+            attempt(f"{name} prefill kernel pdl={on}", lambda: row(name, s, ref, ta._prefill, n, use_pdl=on))
+        for kn in (dict(fold=False, use_pdl=False), dict(fold=False, use_pdl=True), dict(fold=True, use_pdl=False),
+                   dict(fold=True, use_pdl=True)) + tuple(dict(fold=True, use_pdl=True, num_splits=k)
+                                                          for k in (2, 4, 8, 16, 32)):
+            attempt(f"{name} {kn}", lambda: row(name, s, ref, ta._split_k, n, **kn))
+        del s
+    torch.cuda.empty_cache()
 
 
 def attempt(label: str, fn) -> None:
@@ -422,6 +561,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small shapes only (CPU interpreter)")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--no-checks", action="store_true")
+    ap.add_argument("--w13", action="store_true", help="time only the W1/W3 shapes (old path vs new)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
@@ -431,8 +571,11 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "checks": checks}
     if device == "cuda" and not args.no_timing:
         try:
-            run_timings(res)
-            print_table(res)
+            if args.w13:
+                time_w13(res)
+            else:
+                run_timings(res)
+                print_table(res)
         except Exception as e:  # what was timed so far still reaches kernels.json
             print(f"timing failed: {type(e).__name__}: {e}", flush=True)
             res["timing_error"] = repr(e)

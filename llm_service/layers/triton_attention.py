@@ -1,4 +1,4 @@
-"""Triton kernels for paged attention on CUDA: rotary + KV-cache store, prefill and split-K decode.
+"""Triton kernels for paged attention on CUDA: rotary + KV-cache store, prefill and split-K attention.
 
 Same semantics as the CPU reference in `attention.py`:
 - caches are `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * block_size + offset,
@@ -7,8 +7,19 @@ Same semantics as the CPU reference in `attention.py`:
   `seq_lens[b] - q_len_b + j` and attends causally to cached keys 0..that position;
 - GQA: query head h reads kv head `h // (Hq // Hkv)`.
 Softmax runs online in fp32 (exp2 domain); the output has q's dtype. fp32 inputs use IEEE dots, not
-tf32, so the fp32 test models match transformers. Nothing here syncs with the host: decode (every
-q_len 1) is safe to capture in a CUDA graph with fixed batch size and block-table width.
+tf32, so the fp32 test models match transformers.
+
+Two attention kernels: `_prefill_kernel` (one program per 64 queries of one head, walking all of
+its keys: long prompts and batched prefills) and `_split_kernel` (decode, and short prefills of a
+few sequences over long contexts, e.g. a follow-up turn after a prefix-cache hit): one program per
+(sequence, kv head, split of the keys), holding every query row of that kv head. With several
+splits each writes a partial (max, sum, acc) to fp32 scratch and the last one of its (sequence,
+kv head) to finish merges them (FOLD; an atomic counter per group, reset by the merger), or a
+second kernel does (`_merge_kernel`). The split count comes from the batch size and the block
+table's width, never from seq_lens on the host, and the kernels never sync with the host, so decode
+and the short prefills are safe to capture in CUDA graphs of fixed shapes.
+
+Every kernel launches with programmatic dependent launch where `pdl` enables it (see pdl.py).
 
 The module imports without triton (CPU CI); `AVAILABLE` says whether the kernels can run.
 """
@@ -18,6 +29,7 @@ import functools
 
 import torch
 
+from llm_service.layers import pdl
 from llm_service.layers.rotary import Rope
 
 try:
@@ -35,6 +47,15 @@ if AVAILABLE:
     _M_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a masked row never computes inf - inf
 
     @triton.jit
+    def _pdl_start(PDL: tl.constexpr):
+        """Let the next kernel launch now, then wait until the previous one has finished and its
+        writes are visible. Every program calls this before it reads anything or returns, so a
+        kernel never completes before its predecessor (which keeps PDL's ordering transitive)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _rotate(x1, x2, c1, s1, c2, s2, DT: tl.constexpr):
         """Rotate-half RoPE of the halves x1, x2, rounding to DT after each multiply and
         the add, as transformers' `x * cos + rotate_half(x) * sin` does in DT."""
@@ -49,11 +70,12 @@ if AVAILABLE:
         stride_qt, stride_qh, stride_qot, stride_qoh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_rope,
         HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, ROPE: tl.constexpr,
-        BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
     ):
         """Token t: (with ROPE) q rotated into q_out; k (rotated with ROPE) and v stored at
         slot_mapping[t] unless that is -1. One program per token, both halves of head_dim."""
         t = tl.program_id(0).to(tl.int64)
+        _pdl_start(PDL)
         d = tl.arange(0, BLOCK_HALF)[None, :]
         d_ok = d < HALF
         DT = kc_ptr.dtype.element_ty
@@ -89,17 +111,56 @@ if AVAILABLE:
             tl.store(vc + HALF, tl.load(v_src + HALF, mask=kv_ok).to(DT), mask=kv_ok)
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            c = tl.dot(a, b, input_precision="ieee")
+        else:
+            c = tl.dot(a, b)
+        return c
+
+    @triton.jit
+    def _attend_tile(q, pos, m_i, l_i, acc, n0, n_end, k_base, v_base, bt_row, offs_d, d_mask, qk_scale,
+                     stride_kb, stride_ks, stride_vb, stride_vs,
+                     PAGE: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One online-softmax step: the paged keys n0..n0+BLOCK_N (those < n_end) of one kv head,
+        row i of q seeing key n when n <= pos[i]. Returns the updated (max, sum, acc)."""
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_end
+        page = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        off = offs_n % PAGE
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + page[:, None] * stride_kb + off[:, None] * stride_ks + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE)
+        s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        v = tl.load(v_base + page[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+    @triton.jit
+    def _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh):
+        """acc / l (0 where a row saw no key) to rows `toks`, heads `heads` of the output."""
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + toks[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _prefill_kernel(
         q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, cu_ptr, lens_ptr, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+        GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one sequence and one query head."""
         mblk = tl.program_id(0)
         b = tl.program_id(1)
         h = tl.program_id(2)
+        _pdl_start(PDL)
         q_start = tl.load(cu_ptr + b)
         q_len = tl.load(cu_ptr + b + 1) - q_start
         if mblk * BLOCK_M >= q_len:
@@ -110,161 +171,165 @@ if AVAILABLE:
 
         offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        m_mask = offs_m < q_len
-        d_mask = offs_d < D
-        q = tl.load(
-            q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-            mask=m_mask[:, None] & d_mask[None, :], other=0.0,
-        )
+        mask = (offs_m < q_len)[:, None] & (offs_d < D)[None, :]
+        q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=mask, other=0.0)
         pos = ctx + offs_m
 
         m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         kv_end = tl.minimum(seq_len, ctx + (mblk + 1) * BLOCK_M)
-        for start in range(0, kv_end, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < kv_end
-            page = tl.load(bt_ptr + b * stride_bt + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-            off = offs_n % PAGE
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(kc_ptr + page[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_ptr + page[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(
-            o_ptr + (q_start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
-            out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :],
-        )
+        for n0 in range(0, kv_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, pos, m_i, l_i, acc, n0, kv_end, kc_ptr + kvh * stride_kh, vc_ptr + kvh * stride_vh,
+                bt_ptr + b * stride_bt, offs_d, offs_d < D, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                PAGE, IEEE, BLOCK_N)
+        _write_out(o_ptr, q_start + offs_m, h + tl.zeros([BLOCK_M], tl.int32), offs_d, mask, acc, l_i,
+                   stride_ot, stride_oh)
 
     @triton.jit
-    def _decode_kernel(
-        q_ptr, kc_ptr, vc_ptr, o_ptr, mpart_ptr, lpart_ptr, apart_ptr,
+    def _split_range(seq_len, num_splits, BLOCK_N: tl.constexpr):
+        """(split_len, active): splits are equal BLOCK_N-aligned ranges of the keys, sized from
+        seq_len on device; the first `active` hold keys (at least split 0, even with no keys)."""
+        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        return split_len, tl.maximum(tl.cdiv(seq_len, tl.maximum(split_len, 1)), 1)
+
+    @triton.jit
+    def _rows(pid, q_row, q_len, GROUP: tl.constexpr, CHUNKS: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr):
+        """The rows of split program `pid` (axis 1): BLOCK_H query heads (chunk pid % CHUNKS of
+        kv head pid // CHUNKS's group) x BLOCK_Q queries. Returns (kv head, query head, token,
+        query index j, valid) per row."""
+        kvh = pid // CHUNKS
+        r = tl.arange(0, BLOCK_H * BLOCK_Q)
+        g = (pid % CHUNKS) * BLOCK_H + r // BLOCK_Q
+        j = r % BLOCK_Q
+        return kvh, kvh * GROUP + g, q_row + j, j, (g < GROUP) & (j < q_len)
+
+    @triton.jit
+    def _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, part0, active, row_ok, offs_d, d_mask,
+                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Merge the partials of splits 0..active-1 (index part0 + split) in split order, so the
+        result does not depend on which program merges. Loads bypass L1 (.cg): another program
+        on this SM may have cached a line of these partials before they were written."""
+        m_i = tl.full([BLOCK_R], _M_INIT, tl.float32)
+        l_i = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for split in range(0, active):
+            part = part0 + split
+            m_s = tl.load(mpart_ptr + part, mask=row_ok, other=_M_INIT, cache_modifier=".cg")
+            l_s = tl.load(lpart_ptr + part, mask=row_ok, other=0.0, cache_modifier=".cg")
+            a_s = tl.load(apart_ptr + part[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
+                          other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_i, m_s)
+            alpha = tl.exp2(m_i - m_new)
+            beta = tl.exp2(m_s - m_new)
+            l_i = l_i * alpha + l_s * beta
+            acc = acc * alpha[:, None] + a_s * beta[:, None]
+            m_i = m_new
+        return acc, l_i
+
+    @triton.jit
+    def _split_kernel(
+        q_ptr, kc_ptr, vc_ptr, o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr,
         bt_ptr, cu_ptr, lens_ptr, qk_scale, num_splits, num_q_heads,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
-        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        GROUP: tl.constexpr, CHUNKS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+        SPLIT: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program: all GROUP query heads of one kv head, one split of one sequence's keys.
+        """One program: BLOCK_H query heads of one kv head x the (up to BLOCK_Q) queries of one
+        sequence, over one split of its keys (decode: BLOCK_Q 1, the GQA group padded to 16 rows).
 
-        Each kv tile is read once for the whole GQA group; the group is padded to 16 rows so both
-        products run on tensor cores (measured faster than a CUDA-core dot even for MHA). Splits cut the keys into equal,
-        BLOCK_N-aligned ranges sized on device from seq_len, so a graph captured once serves any
-        lengths. DIRECT (one split) writes the output; otherwise partial (max, sum, acc) go to
-        scratch for `_decode_reduce_kernel`.
+        Each kv tile is read once for all those rows, and both products run on tensor cores
+        (measured faster than a CUDA-core dot even for MHA decode). A sequence whose keys fit one
+        split (always when not SPLIT) writes the output directly. Otherwise each active split
+        stores its partial (max, sum, acc) at (token, head, split); with FOLD the program that
+        finishes last in its (sequence, kv head, chunk) merges them: it counts itself in with an
+        acq_rel atomic at gpu scope after a CTA barrier (the barrier orders every thread's partial
+        stores before the one thread's release, which is cumulative), reads the count back (its
+        acquire, and the chain of acq_rel increments, makes every earlier program's partials
+        visible), resets the counter to 0 for the next launch or graph replay, and merges. No
+        program ever waits on another, so any launch order or residency is safe. Without FOLD,
+        `_merge_kernel` merges.
         """
         b = tl.program_id(0)
-        kvh = tl.program_id(1)
+        pid = tl.program_id(1)
         split = tl.program_id(2)
+        _pdl_start(PDL)
         q_row = tl.load(cu_ptr + b)
         q_len = tl.load(cu_ptr + b + 1) - q_row
         if q_len == 0:
             return
         seq_len = tl.load(lens_ptr + b)
-        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        split_len, active = _split_range(seq_len, num_splits, BLOCK_N)
+        if split >= active:
+            return
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
-        if not DIRECT:
-            if start >= end:
-                return
 
-        offs_g = tl.arange(0, BLOCK_G)
+        kvh, heads, toks, j, row_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q)
         offs_d = tl.arange(0, BLOCK_D)
-        heads = kvh * GROUP + offs_g
-        g_mask = offs_g < GROUP
         d_mask = offs_d < D
-        q = tl.load(q_ptr + q_row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        mask = row_ok[:, None] & d_mask[None, :]
+        q = tl.load(q_ptr + toks[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask, other=0.0)
+        pos = seq_len - q_len + j
 
-        m_i = tl.full([BLOCK_G], _M_INIT, tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        m_i = tl.full([BLOCK_H * BLOCK_Q], _M_INIT, tl.float32)
+        l_i = tl.zeros([BLOCK_H * BLOCK_Q], tl.float32)
+        acc = tl.zeros([BLOCK_H * BLOCK_Q, BLOCK_D], tl.float32)
         for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < end
-            page = tl.load(bt_ptr + b * stride_bt + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-            off = offs_n % PAGE
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(kc_ptr + page[:, None] * stride_kb + off[:, None] * stride_ks + kvh * stride_kh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(vc_ptr + page[:, None] * stride_vb + off[:, None] * stride_vs + kvh * stride_vh
-                        + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(
+                q, pos, m_i, l_i, acc, n0, end, kc_ptr + kvh * stride_kh, vc_ptr + kvh * stride_vh,
+                bt_ptr + b * stride_bt, offs_d, d_mask, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                PAGE, IEEE, BLOCK_N)
 
-        if DIRECT:
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            tl.store(o_ptr + q_row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        if SPLIT:
+            if active > 1:
+                part0 = (toks * num_q_heads + heads) * num_splits
+                tl.store(mpart_ptr + part0 + split, m_i, mask=row_ok)
+                tl.store(lpart_ptr + part0 + split, l_i, mask=row_ok)
+                tl.store(apart_ptr + (part0 + split)[:, None] * D + offs_d[None, :], acc, mask=mask)
+                if FOLD:
+                    tl.debug_barrier()
+                    counter = cnt_ptr + b * tl.num_programs(1) + pid
+                    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
+                        tl.store(counter, 0)
+                        acc, l_i = _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, part0, active, row_ok,
+                                                 offs_d, d_mask, D, BLOCK_H * BLOCK_Q, BLOCK_D)
+                        _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
+            else:
+                _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
         else:
-            part = (b * num_q_heads + heads) * num_splits + split
-            tl.store(mpart_ptr + part, m_i, mask=g_mask)
-            tl.store(lpart_ptr + part, l_i, mask=g_mask)
-            tl.store(apart_ptr + part[:, None] * D + offs_d[None, :], acc,
-                     mask=g_mask[:, None] & d_mask[None, :])
+            _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
 
     @triton.jit
-    def _decode_reduce_kernel(
-        o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cu_ptr, lens_ptr, num_splits, num_q_heads,
-        stride_ot, stride_oh,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    def _merge_kernel(
+        o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cu_ptr, lens_ptr, num_splits, num_q_heads, stride_ot, stride_oh,
+        GROUP: tl.constexpr, CHUNKS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """Merge the splits of one (sequence, query head); seq_len 0 gives zeros."""
+        """Without FOLD: merge the splits of the rows of split program (b, pid); sequences whose
+        keys fit one split were written by `_split_kernel` itself."""
         b = tl.program_id(0)
-        h = tl.program_id(1)
+        pid = tl.program_id(1)
+        _pdl_start(PDL)
         q_row = tl.load(cu_ptr + b)
         q_len = tl.load(cu_ptr + b + 1) - q_row
         if q_len == 0:
             return
-        seq_len = tl.load(lens_ptr + b)
-        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        active = tl.cdiv(seq_len, tl.maximum(split_len, 1))  # splits that wrote partials
-
-        offs_s = tl.arange(0, BLOCK_S)
+        _, active = _split_range(tl.load(lens_ptr + b), num_splits, BLOCK_N)
+        if active == 1:
+            return
+        _, heads, toks, _, row_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q)
         offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < active
         d_mask = offs_d < D
-        part = (b * num_q_heads + h) * num_splits + offs_s
-        m = tl.load(mpart_ptr + part, mask=s_mask, other=_M_INIT)
-        l = tl.load(lpart_ptr + part, mask=s_mask, other=0.0)
-        a = tl.load(apart_ptr + part[:, None] * D + offs_d[None, :],
-                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-        w = tl.where(s_mask, tl.exp2(m - tl.max(m, 0)), 0.0)
-        den = tl.sum(w * l, 0)
-        out = tl.sum(w[:, None] * a, 0) / tl.where(den > 0, den, 1.0)
-        tl.store(o_ptr + q_row * stride_ot + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
-                 mask=d_mask)
+        acc, l_i = _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, (toks * num_q_heads + heads) * num_splits,
+                                 active, row_ok, offs_d, d_mask, D, BLOCK_H * BLOCK_Q, BLOCK_D)
+        _write_out(o_ptr, toks, heads, offs_d, row_ok[:, None] & d_mask[None, :], acc, l_i, stride_ot, stride_oh)
 
 
 def _require_triton() -> None:
@@ -320,8 +385,13 @@ def _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping):
         BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
         BLOCK_HALF=triton.next_power_of_2(D // 2),
         enable_fp_fusion=False,  # a contracted multiply-add would skip the product's rounding
+        **pdl.launch(k.device),
     )
     return q_out
+
+
+SHORT_Q_MAX = 64  # a prefill of queries up to this long may take the split kernel (see _use_split)
+FOLD = True  # the last split program merges (no second launch); False: _merge_kernel does
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -329,9 +399,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float, max_q_len: int | None = None) -> torch.Tensor:
     """Causal attention of packed queries `[T, Hq, D]` over the paged caches; returns `[T, Hq, D]`.
 
-    Decode (`max_q_len == 1`, or `max_q_len is None` and T == B, which means every q_len is 1) takes
-    the split-K kernel; anything else (prefill, chunked prefill, prefix hits, mixed batches) the
-    prefill kernel, whose grid is sized by `max_q_len` (T when not given).
+    Decode (`max_q_len == 1`, or `max_q_len is None` and T == B, which means every q_len is 1) and
+    short prefills of few sequences over a wide block table take the split kernel; anything else
+    (long prompts, batched prefills) the prefill kernel, whose grid is sized by `max_q_len` (T when
+    not given). The choice and the split count depend on shapes only (B, T, max_q_len, table width).
     """
     _require_triton()
     T = q.shape[0]
@@ -340,8 +411,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if T == 0 or B == 0:
         return out
     q = _last_dim_contiguous(q)
-    if max_q_len == 1 or (max_q_len is None and T == B):
-        _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out)
+    if max_q_len is None and T == B:
+        max_q_len = 1
+    if max_q_len == 1 or (max_q_len is not None and _use_split(q, k_cache, block_tables, max_q_len)):
+        _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len)
     else:
         _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out,
                  T if max_q_len is None else max_q_len)
@@ -353,9 +426,16 @@ def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, .
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
 
 
+def _launch_pdl(device: torch.device, on: bool | None) -> dict:
+    """The PDL launch kwargs: pdl.launch's by default, forced on or off for the bench's sweeps."""
+    if on is None:
+        return pdl.launch(device)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
 def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
              block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
-             num_stages: int = 2) -> None:
+             num_stages: int = 2, use_pdl: bool | None = None) -> None:
     """The general kernel; the keyword knobs exist for bench/kernels_check.py's sweeps."""
     _, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -369,50 +449,95 @@ def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
         *_cache_strides(k_cache, v_cache), block_tables.stride(0),
         GROUP=Hq // Hkv, D=D, PAGE=k_cache.shape[1], IEEE=q.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **_launch_pdl(q.device, use_pdl),
     )
 
 
-def _num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int, sm_count: int) -> int:
-    """Enough splits for ~2 programs per SM, each with at least one kv tile at full context."""
+def _num_splits(batch: int, programs: int, max_context: int, block_n: int, sm_count: int) -> int:
+    """Enough splits for ~2 programs per SM (`programs` per sequence and split), each with at
+    least one kv tile at full context."""
     splits = 1
     most = min(64, max(1, max_context // block_n))
-    while batch * num_kv_heads * splits < 2 * sm_count and splits * 2 <= most:
+    while batch * programs * splits < 2 * sm_count and splits * 2 <= most:
         splits *= 2
     return splits
 
 
-def _decode(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, *,
-            num_splits: int | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
-    """Split-K decode; the keyword knobs exist for bench/kernels_check.py's sweeps."""
+def _split_rows(group: int, max_q_len: int) -> tuple[int, int, int]:
+    """(BLOCK_Q, BLOCK_H, chunks) of a split program: BLOCK_H query heads x BLOCK_Q queries, at
+    least 16 rows (tensor-core dots) and, past that, at most 64; `chunks` programs per kv head."""
+    block_q = triton.next_power_of_2(max_q_len)
+    block_h = max(min(triton.next_power_of_2(group), max(1, 64 // block_q)), 16 // block_q)
+    return block_q, block_h, triton.cdiv(group, block_h)
+
+
+def _use_split(q, k_cache, block_tables, max_q_len: int) -> bool:
+    """A short prefill takes the split kernel when its table is long enough to split and the
+    batch too small to fill the GPU; batched prefills keep the prefill kernel."""
+    if max_q_len > SHORT_Q_MAX:
+        return False
+    Hkv = k_cache.shape[2]
+    _, _, chunks = _split_rows(q.shape[1] // Hkv, max_q_len)
+    return _num_splits(block_tables.shape[0], Hkv * chunks, block_tables.shape[1] * k_cache.shape[1], 64,
+                       _sm_count(q.device)) > 1
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The FOLD arrival counters: int32, all 0 between launches (each merger resets its own).
+    One persistent buffer per device, grown (never freed: a captured graph may hold the old one)
+    outside graph capture only, where its zeroing memset really runs. Shared by every launch on
+    the device, which is safe while attention runs on one stream at a time (the engine's case)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("triton_attention: run this attention shape once outside CUDA-graph capture "
+                               "first (its split counters must exist before capture)")
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
+             num_splits: int | None = None, fold: bool | None = None, use_pdl: bool | None = None,
+             block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
+    """Split-K attention for decode (max_q_len 1) and short prefills; the keyword knobs exist
+    for bench/kernels_check.py's sweeps (fold/use_pdl None: FOLD and pdl's defaults)."""
     B = seq_lens.shape[0]
-    _, Hq, D = q.shape
+    T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
     page = k_cache.shape[1]
+    block_q, block_h, chunks = _split_rows(group, max_q_len)
     if num_splits is None:
-        num_splits = _num_splits(B, Hkv, block_tables.shape[1] * page, block_n, _sm_count(q.device))
-    block_d = triton.next_power_of_2(D)
-    direct = num_splits == 1
-    if direct:
-        mpart = lpart = apart = out  # unused by the DIRECT kernel
-    else:
-        mpart = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+        num_splits = _num_splits(B, Hkv * chunks, block_tables.shape[1] * page, block_n, _sm_count(q.device))
+    fold = FOLD if fold is None else fold
+    split = num_splits > 1
+    if split:
+        mpart = torch.empty((T, Hq, num_splits), dtype=torch.float32, device=q.device)
         lpart = torch.empty_like(mpart)
-        apart = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-    _decode_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, out, mpart, lpart, apart,
+        apart = torch.empty((T, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    else:
+        mpart = lpart = apart = out  # unused with one split
+    counters = _counters(q.device, B * Hkv * chunks) if split and fold else out
+    block_d = triton.next_power_of_2(D)
+    launch = _launch_pdl(q.device, use_pdl)
+    _split_kernel[(B, Hkv * chunks, num_splits)](
+        q, k_cache, v_cache, out, mpart, lpart, apart, counters,
         block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E, num_splits, Hq,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache, v_cache), block_tables.stride(0),
-        GROUP=group, D=D, PAGE=page, IEEE=q.dtype == torch.float32, DIRECT=direct,
-        BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages,
+        GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
+        SPLIT=split, FOLD=fold, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
-    if not direct:
-        _decode_reduce_kernel[(B, Hq)](
-            out, mpart, lpart, apart, cu_seqlens_q, seq_lens, num_splits, Hq,
-            out.stride(0), out.stride(1),
-            D=D, BLOCK_N=block_n, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-            num_warps=4,
+    if split and not fold:
+        _merge_kernel[(B, Hkv * chunks)](
+            out, mpart, lpart, apart, cu_seqlens_q, seq_lens, num_splits, Hq, out.stride(0), out.stride(1),
+            GROUP=group, CHUNKS=chunks, D=D, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+            num_warps=4, **launch,
         )

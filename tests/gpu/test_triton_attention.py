@@ -8,6 +8,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
+from llm_service.layers import triton_attention as ta  # noqa: E402
 from llm_service.layers.triton_attention import paged_attention, store_kvcache  # noqa: E402
 
 PAGE = 16
@@ -21,7 +22,8 @@ def _reference(q, k_cache, v_cache, block_tables, cu, seq_lens, scale):
         if L == 0 or q1 == q0:
             continue
         pos = torch.arange(L, device=q.device)
-        slots = block_tables[b, pos // PAGE].long() * PAGE + pos % PAGE
+        page = k_cache.shape[1]
+        slots = block_tables[b, pos // page].long() * page + pos % page
         k = k_cache.flatten(0, 1)[slots].double().repeat_interleave(group, 1)
         v = v_cache.flatten(0, 1)[slots].double().repeat_interleave(group, 1)
         s = torch.einsum("qhd,khd->hqk", q[q0:q1].double(), k) * scale
@@ -71,7 +73,9 @@ def test_prefill_with_prefix_and_decode_rows(hq, hkv, d, dtype, tol):
 
 @pytest.mark.parametrize("hq,hkv,d,dtype,tol", [
     (32, 32, 128, torch.bfloat16, 1e-2), (8, 2, 64, torch.bfloat16, 1e-2), (4, 2, 16, torch.float32, 1e-5)])
-def test_decode_with_padding_in_cuda_graph(hq, hkv, d, dtype, tol):
+@pytest.mark.parametrize("fold", [True, False])
+def test_decode_with_padding_in_cuda_graph(hq, hkv, d, dtype, tol, fold, monkeypatch):
+    monkeypatch.setattr(ta, "FOLD", fold)
     lengths = [1, 17, 64, 300, 1500, 1, 900, 2]
     q, kc, vc, bt, cu, lens = _batch([(L - 1, 1) for L in lengths], hq, hkv, d, dtype)
     lens[[1, 5]] = 0  # CUDA-graph padding rows: no keys, zero output
@@ -79,9 +83,70 @@ def test_decode_with_padding_in_cuda_graph(hq, hkv, d, dtype, tol):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=1)
-    q.copy_(torch.randn_like(q))
-    lens[3] = 299
+    for trial in range(3):
+        q.copy_(torch.randn_like(q))
+        lens[3] = 299 - trial
+        _replay_and_check(graph, out, lambda: _reference(q, kc, vc, bt, cu, lens, d ** -0.5), tol)
+        assert (out[[1, 5]] == 0).all()
+
+
+def _replay_and_check(graph, out, reference, tol, repeats=30):
+    """Replay, check against the reference, then replay again and again: the split merge reads
+    the partials in a fixed order, so every replay must give bitwise the same output (a partial
+    read before its writer's stores were visible would not)."""
     graph.replay()
     torch.cuda.synchronize()
-    assert _rel(out, _reference(q, kc, vc, bt, cu, lens, d ** -0.5)) < tol
-    assert (out[[1, 5]] == 0).all()
+    first = out.clone()
+    assert _rel(first, reference()) < tol
+    for _ in range(repeats):
+        graph.replay()
+        assert torch.equal(out, first)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("hq,hkv,d,dtype,tol", [
+    (32, 32, 128, torch.bfloat16, 1e-2), (28, 4, 128, torch.float16, 2e-3), (4, 2, 16, torch.float32, 1e-5)])
+def test_short_prefill_split_kernel(hq, hkv, d, dtype, tol, fold):
+    """Follow-up turns after a prefix-cache hit: a few sequences of <= 64 new tokens over long
+    cached prefixes, and PrefillGraphs' padding sequence (queries, seq_len 0: zero output)."""
+    seqs = [(780, 16), (0, 9), (33, 1), (200, 32), (1500, 64), (0, 40)]
+    q, kc, vc, bt, cu, lens = _batch(seqs, hq, hkv, d, dtype)
+    lens[-1] = 0
+    ref = _reference(q, kc, vc, bt, cu, lens, d ** -0.5)
+    for splits in (None, 1, 4, 16, 64):
+        out = torch.full_like(q, float("nan"))
+        ta._split_k(q, kc, vc, bt, cu, lens, d ** -0.5, out, 64, num_splits=splits, fold=fold)
+        assert _rel(out, ref) < tol, splits
+        assert (out[int(cu[-2]):] == 0).all()
+    assert ta._use_split(q, kc, bt, 64)  # six sequences over a 95-block table: split, not prefill
+    out = paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=64)
+    assert _rel(out, ref) < tol
+    assert all(not c.any() for c in ta._COUNTERS.values())  # every merger reset its counter
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("hq,hkv,d,dtype,tol", [(32, 32, 128, torch.bfloat16, 1e-2), (4, 2, 16, torch.float32, 1e-5)])
+def test_short_prefill_in_cuda_graph(hq, hkv, d, dtype, tol, fold, monkeypatch):
+    """PrefillGraphs' layout: sequence 0's n <= 32 new tokens, the other rows padding as sequence 1
+    of length 0, a [2, 64] block table at page 64; captured once, replayed on new prefixes and n."""
+    monkeypatch.setattr(ta, "FOLD", fold)
+    size, width, page = 32, 64, 64
+    kc = torch.randn(2 * width, page, hkv, d, dtype=dtype, device="cuda")
+    vc = torch.randn_like(kc)
+    q = torch.zeros(size, hq, d, dtype=dtype, device="cuda")
+    bt = torch.zeros(2, width, dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, size, size], dtype=torch.int32, device="cuda")
+    lens = torch.zeros(2, dtype=torch.int32, device="cuda")
+    assert ta._use_split(q, kc, bt, size)
+    paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=size)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=size)
+    for ctx, n in [(780, 16), (780, 32), (0, 20), (3000, 7), (4064, 32)]:
+        q.copy_(torch.randn_like(q))
+        bt[0].copy_(torch.randperm(2 * width, device="cuda")[:width].int())
+        cu.copy_(torch.tensor([0, n, size]))
+        lens.copy_(torch.tensor([ctx + n, 0]))
+        _replay_and_check(graph, out, lambda: _reference(q, kc, vc, bt, cu, lens, d ** -0.5), tol)
+        assert (out[n:] == 0).all()
+
