@@ -1,4 +1,4 @@
-"""An all-reduce with no barrier: each value travels with its call's flag (Triton; opt-in).
+"""An all-reduce with no barrier: each value travels with its call's flag (Triton).
 
 torch's one-shot kernel (symm_allreduce.py) meets the peers at two barriers of remote atomics per
 call, ~6.6 us at 8 KB on 2 H200s. Here each rank stores its words straight into every peer's
@@ -20,10 +20,10 @@ normalises, one program a row, in one launch instead of an all-reduce and a norm
 Sums: bf16 pairs with `fma.rn.bf16x2` (x * 1 + y: one rounding, as NCCL and torch's __hadd2),
 fp32 with an fp32 add; rank 0 + 1 + ... on every rank, so every rank gets the same bits.
 
-Status: opt-in (PRISM_ALLREDUCE=ll) and NOT YET RUN ON A GPU. It compiles for sm_90 (Triton 3.6,
-ahead of time on a CPU machine), and its protocol (halves, flags, the call counter across calls of
-changing sizes and grids) ran in the Triton interpreter with a peer emulated by hand.
-bench/allreduce.py and tests/gpu/test_allreduce.py check and time it next to the one-shot op.
+Status: the default (PRISM_ALLREDUCE=auto) since bench/allreduce.py's 141 checks passed on 2 H200s
+(bit-equal to NCCL and on every rank, eagerly, in graphs, in chains of 64 replayed 20 times; the
+fused norm within a bf16 rounding of NCCL + the norm kernel): 3.3 us at 8 KB against the one-shot
+op's 6.3 and NCCL's 18.6; all-reduce + norm 4.6 us against 7.7.
 """
 from __future__ import annotations
 
