@@ -181,8 +181,11 @@ class WorkerGroup:
             except RuntimeError as e:  # a worker died just now
                 logger.warning("tensor-parallel shutdown: %s", e)
                 clean = False
-        exited = _kill(self.procs, wait_s=STOP_WAIT_S if clean else 0.0)
-        if (clean and exited) or self.device.type != "cuda":  # a broken NCCL group may hang in teardown
+        # Every rank leaves together: NCCL's teardown waits for the peers' (a worker leaving alone
+        # hung until killed, and so did rank 0 leaving after its workers had exited).
+        left = clean and _leave_group(STOP_WAIT_S)
+        _kill(self.procs, wait_s=STOP_WAIT_S if clean else 0.0)
+        if not left and self.device.type != "cuda":  # gloo leaves alone; a broken NCCL group may hang
             stop_group()
         atexit.unregister(self.kill)
 
@@ -221,11 +224,20 @@ def _wait_checked_in(store: dist.TCPStore, procs: list[subprocess.Popen], timeou
         time.sleep(POLL_S)
 
 
-def _kill(procs: list[subprocess.Popen], wait_s: float = 0.0) -> bool:
-    """Give the workers `wait_s` to exit, then SIGKILL and reap them; whether all exited
-    by themselves with code 0."""
+def _leave_group(wait_s: float) -> bool:
+    """stop_group() beside the workers' own, bounded by `wait_s`; whether it finished. If not, the
+    group is abandoned (logged): its thread stays blocked, and this process cannot start another."""
+    thread = threading.Thread(target=stop_group, name="tp-leave", daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    if thread.is_alive():
+        logger.error("tensor-parallel group teardown did not finish within %.0f s; abandoned", wait_s)
+    return not thread.is_alive()
+
+
+def _kill(procs: list[subprocess.Popen], wait_s: float = 0.0) -> None:
+    """Give the workers `wait_s` to exit, then SIGKILL and reap them."""
     deadline = time.monotonic() + wait_s
-    exited = True
     for proc in procs:
         try:
             proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -234,6 +246,3 @@ def _kill(procs: list[subprocess.Popen], wait_s: float = 0.0) -> bool:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-            exited = False
-        exited = exited and proc.returncode == 0
-    return exited

@@ -6,7 +6,8 @@ It joins rank 0's process group, builds the same ModelRunner as rank 0 over its 
 shutdown header. Its host runs ahead of its GPU, as rank 0's does: the step headers arrive on
 the host (step.py), and nothing else on the way reads a device value, so it queues the next
 step while the GPU still runs this one. On shutdown it waits for its GPU (what it queued
-needs rank 0's side, which rank 0 queued before sending the shutdown header) and exits.
+needs rank 0's side, which rank 0 queued before sending the shutdown header), leaves the
+group together with rank 0 and exits.
 
 It never outlives rank 0: a thread watches the parent pid (PR_SET_PDEATHSIG would fire
 when the *thread* that started us exits, and rank 0 starts workers from a worker thread),
@@ -28,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from llm_service.distributed import start_group
+from llm_service.distributed import start_group, stop_group
 from llm_service.distributed.launcher import WorkerArgs
 from llm_service.distributed.step import recv_step
 from llm_service.engine.model_runner import ModelRunner
@@ -58,11 +59,7 @@ def run_worker(args: WorkerArgs) -> None:
     runner = ModelRunner(spec, args.engine_config(), dtype, device, args.session_len, args.max_batch_size)
     while (step := recv_step(device, dtype, spec.args.hidden_size)) is not None:
         runner.forward(step.unpack())
-    # Shutdown: finish what is queued, then exit without tearing the groups down. Destroying a
-    # communicator and the symmetric-memory mappings can wait on peers that are leaving too (on
-    # 2 H200s the worker hung there until rank 0 killed it); the process's end releases them.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    stop_group()  # waits for this GPU's queued work; rank 0 leaves at the same time (launcher.stop)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
