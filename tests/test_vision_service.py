@@ -24,7 +24,7 @@ from vision_service.preprocess import (ImageProcessorConfig, decode_image, looku
                                        rescale_normalize)
 from vision_service.tiff import plain_rgb_tiff
 from vision_service.types import ImageEmbedding
-from vision_service.wire import EmbeddingAssembler, to_chunks
+from vision_service.wire import EmbeddingAssembler, parse_chunk, to_wire
 
 CPU = torch.device("cpu")
 
@@ -370,21 +370,47 @@ def test_failed_forward_fails_its_batch_not_the_worker(tiny_llava):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_chunks_reassemble_exactly(dtype):
     emb = torch.randn(37, 24, generator=torch.Generator().manual_seed(0)).to(dtype)
-    chunks = list(to_chunks(1, ImageEmbedding(emb, (1, 4, 6)), chunk_bytes=5 * 24 * emb.element_size()))
-    assert len(chunks) == 8 and all(len(c.data) % (24 * emb.element_size()) == 0 for c in chunks)
+    chunks = list(to_wire(1, ImageEmbedding(emb, (1, 4, 6)), chunk_bytes=5 * 24 * emb.element_size()))
+    assert len(chunks) == 8 and all(parse_chunk(c)[1].nbytes % (24 * emb.element_size()) == 0 for c in chunks)
     assembler = EmbeddingAssembler(2)
     for chunk in reversed(chunks):
         assembler.add(chunk)
-    for chunk in to_chunks(0, ImageEmbedding(emb[:0])):
+    for chunk in to_wire(0, ImageEmbedding(emb[:0])):
         assembler.add(chunk)
     empty, out = assembler.finish()
     assert out.embedding.dtype == dtype and torch.equal(out.embedding, emb) and out.grid_thw == (1, 4, 6)
     assert empty.rows == 0
     broken = EmbeddingAssembler(2)
     broken.add(chunks[0])
-    broken.add(next(to_chunks(0, ImageEmbedding(emb[:0]))))
+    broken.add(next(to_wire(0, ImageEmbedding(emb[:0]))))
     with pytest.raises(RuntimeError, match="incomplete"):
         broken.finish()
+
+
+def test_chunks_are_protobuf_serializations():
+    """The hand-joined bytes are SerializeToString's, and parsing takes any protobuf encoding."""
+    from protos import vision_pb2
+
+    emb = torch.randn(37, 24, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    raw = emb.view(torch.uint8).numpy()
+    for grid, index in (((1, 4, 6), 3), (None, 0)):
+        chunks = list(to_wire(index, ImageEmbedding(emb, grid), chunk_bytes=16 * raw.shape[1]))
+        expected = [vision_pb2.EmbeddingChunk(image_index=index, rows=37, hidden_size=24, dtype="bfloat16",
+                                              row_offset=start, data=raw[start : start + 16].tobytes(),
+                                              grid_thw=list(grid or ())).SerializeToString()
+                    for start in (0, 16, 32)]
+        assert chunks == expected
+    assert list(to_wire(0, ImageEmbedding(emb[:0]))) == [
+        vision_pb2.EmbeddingChunk(rows=0, hidden_size=24, dtype="bfloat16").SerializeToString()]
+    # a sender that writes the payload first, and twice (the last one counts, as in protobuf)
+    message = vision_pb2.EmbeddingChunk(data=b"\0" * 48, rows=1, hidden_size=24, dtype="bfloat16")
+    header, payload = parse_chunk(vision_pb2.EmbeddingChunk(data=b"\1" * 48).SerializeToString()
+                                  + message.SerializeToString())
+    assert (header.rows, header.hidden_size, header.dtype, header.data) == (1, 24, "bfloat16", b"")
+    assert bytes(payload) == b"\0" * 48
+    for junk in (b"\x32\x05ab", b"\x0b", b"\x08\xff"):  # truncated payload, a group, a cut varint
+        with pytest.raises(RuntimeError, match="malformed embedding chunk"):
+            parse_chunk(junk)
 
 
 def test_grpc_round_trip(tiny_llava):
@@ -441,3 +467,38 @@ def test_grpc_round_trip(tiny_llava):
         assert ours.embedding.dtype == torch.float32 and torch.equal(ours.embedding, theirs.embedding)
     assert torch.equal(again[0].embedding, local[0].embedding)
     assert info.architecture == "LlavaForConditionalGeneration" and info.images_encoded >= 4
+
+
+def test_client_refuses_a_malformed_stream():
+    """A server sending bytes that are no EmbeddingChunk: RuntimeError from encode (the
+    chunks are parsed on the client's assembly threads), and the client stays usable."""
+    import grpc
+
+    from protos.serving import make_server
+    from vision_service.client import ENCODE_METHOD, VisionClient
+
+    good = list(to_wire(0, ImageEmbedding(torch.ones(3, 4))))
+    calls = []
+
+    async def encode(request: bytes, context):  # the first call gets junk after a good chunk
+        calls.append(request)
+        for chunk in [good[0], b"\x0b"] if len(calls) == 1 else good:
+            yield chunk
+
+    async def run():
+        service, method = ENCODE_METHOD.strip("/").split("/")
+        served = make_server([service], "127.0.0.1:0")
+        served.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            service, {method: grpc.unary_stream_rpc_method_handler(encode)})])
+        await served.server.start()
+        client = VisionClient(f"127.0.0.1:{served.port}")
+        try:
+            with pytest.raises(RuntimeError, match="malformed embedding chunk"):
+                await client.encode([common_pb2.ImageInput(data=b"x")])
+            return await client.encode([common_pb2.ImageInput(data=b"x")])
+        finally:
+            await client.close()
+            await served.server.stop(0)
+
+    (out,) = asyncio.run(run())
+    assert torch.equal(out.embedding, torch.ones(3, 4))

@@ -2,7 +2,9 @@
 
 The server starts before the model loads so health checks answer NOT_SERVING
 while loading (and again while draining). Bad images map to INVALID_ARGUMENT;
-a client that cancels has its queued images dropped by the engine.
+a client that cancels has its queued images dropped by the engine. Encode yields
+its chunks already serialized (`wire.to_wire`), so the service is registered here
+rather than by the generated helper, whose serializer wants messages.
 Run it with `prism serve vision --model PATH --device cuda:1 --port P`.
 """
 from __future__ import annotations
@@ -14,10 +16,10 @@ from typing import AsyncIterator, Callable
 import grpc
 
 from protos import vision_pb2, vision_pb2_grpc
-from protos.serving import make_server, stop_on_signals
+from protos.serving import Served, make_server, stop_on_signals
 from vision_service.config import VisionConfig
 from vision_service.engine import VisionEngine
-from vision_service.wire import to_chunks
+from vision_service.wire import to_wire
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +39,8 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
 
     async def Encode(
         self, request: vision_pb2.EncodeRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[vision_pb2.EmbeddingChunk]:
+    ) -> AsyncIterator[bytes]:
+        """Each image's serialized EmbeddingChunks, in order."""
         engine = await self._engine(context)
         try:
             embeddings = await engine.encode(request.images)
@@ -46,11 +49,26 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         except RuntimeError as e:  # engine closed or forward failed
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         for index, emb in enumerate(embeddings):
-            for chunk in to_chunks(index, emb):
+            for chunk in to_wire(index, emb):
                 yield chunk
 
     async def Info(self, request: vision_pb2.VisionInfoRequest, context: grpc.aio.ServicerContext) -> vision_pb2.VisionInfo:
         return (await self._engine(context)).info()
+
+
+def build_server(servicer: VisionServicer, bind: str = "127.0.0.1:0") -> Served:
+    """A vision server (not started; health NOT_SERVING) over `servicer`."""
+    served = make_server([SERVICE_NAME], bind)
+    handlers = {
+        "Encode": grpc.unary_stream_rpc_method_handler(  # no serializer: the chunks come serialized
+            servicer.Encode, request_deserializer=vision_pb2.EncodeRequest.FromString),
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info, request_deserializer=vision_pb2.VisionInfoRequest.FromString,
+            response_serializer=vision_pb2.VisionInfo.SerializeToString),
+    }
+    served.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    served.server.add_registered_method_handlers(SERVICE_NAME, handlers)
+    return served
 
 
 async def serve(
@@ -62,8 +80,7 @@ async def serve(
 ) -> None:
     """Serve until cancelled or SIGTERM/SIGINT; `on_started(port)` once SERVING."""
     servicer = VisionServicer()
-    served = make_server([SERVICE_NAME], bind)
-    vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, served.server)
+    served = build_server(servicer, bind)
     stop = asyncio.Event()
     await served.server.start()
     engine: VisionEngine | None = None
