@@ -181,8 +181,8 @@ class WorkerGroup:
             except RuntimeError as e:  # a worker died just now
                 logger.warning("tensor-parallel shutdown: %s", e)
                 clean = False
-        # Every rank leaves together: NCCL's teardown waits for the peers' (a worker leaving alone
-        # hung until killed, and so did rank 0 leaving after its workers had exited).
+        # Every rank leaves together, its CUDA graphs already freed (LLMEngine.close, the worker):
+        # NCCL's teardown hung on 2 H200s while a graph that captured a collective was alive.
         left = clean and _leave_group(STOP_WAIT_S)
         _kill(self.procs, wait_s=STOP_WAIT_S if clean else 0.0)
         if not left and self.device.type != "cuda":  # gloo leaves alone; a broken NCCL group may hang

@@ -114,6 +114,7 @@ class LLMEngine:
     def close(self) -> None:
         """Stop the tensor-parallel workers (idempotent). Only once no step is running."""
         if self.workers is not None:
+            self.runner.drop_graphs()  # before the group goes (ModelRunner.drop_graphs)
             self.workers.stop()
             self.workers = None
 

@@ -8,6 +8,7 @@ rank runs the same `forward` on it.
 """
 from __future__ import annotations
 
+import gc
 import math
 
 import torch
@@ -54,6 +55,12 @@ class ModelRunner:
             max_blocks = -(-session_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, device)
             self.prefill_graphs = PrefillGraphs(self.model, max_blocks, device)
+
+    def drop_graphs(self) -> None:
+        """Free the CUDA graphs (eager from here on). A graph that captured a collective must be
+        gone before its process group: NCCL's teardown hangs while one holds the communicator."""
+        self.graphs = self.prefill_graphs = None
+        gc.collect()
 
     def _block_bytes(self) -> int:
         a = self.attention[0]
