@@ -15,9 +15,15 @@ each stage of that path with a 7B-shaped embedding, per image and as MB/s:
   llm_service that loop also takes requests in and streams every request's tokens);
 - the hops before that proportional to the image's bytes (a 336x336 image as the gateway sends it):
   gateway → llm GenerateRequest and llm → vision EncodeRequest, serialized and parsed, and the
-  llm tier's sha256 check of the bytes.
+  llm tier's sha256 check of the bytes;
+- decode, the other thing only the split pays: every step's token of every request goes llm →
+  gateway as its own GenerateResponse. 256 requests streaming, the device a sleep (host_overhead.py's
+  SimulatedDevice, tests' tiny checkpoint), embedded (AsyncLLMEngine + ChatService in one process)
+  against the real LLMServicer in its own process with ChatService over LLMClient in this one: ms
+  per step of wall, exposed host (wall - device), engine thread CPU and the LLM process's event-loop
+  thread CPU (it shares the GIL with the engine thread), and the gateway side's CPU.
 
-    python bench/split_overhead.py [--images 256] [--repeats 3] [--chunk-bytes 1048576]
+    python bench/split_overhead.py [--images 256] [--repeats 3] [--parts wire,requests,grpc,decode]
 
 Runs on one torch thread. GPU-only costs (the vision tier's device → host copy, the LLM tier's
 pinned copy and host → device copy at prefill) exist in the embedded mode too and are not here.
@@ -242,18 +248,143 @@ def grpc_stages(images: int, repeats: int, chunk_bytes: int) -> None:
         server.join(10)
 
 
+# ---- decode: every step's tokens llm → gateway (split only) -----------------------------------
+
+def _decode_window(marks: list[tuple], steps: int) -> dict[str, float]:
+    """ms per step over `steps` consecutive pure-decode steps of the whole batch (after 4 of them):
+    wall, exposed host (wall - device), engine thread CPU in and between steps, loop thread CPU.
+    `marks`: per step (wall, engine CPU, loop CPU at entry; device time, engine CPU at exit; full decode)."""
+    full = [i for i, m in enumerate(marks) if m[5]]
+    a = full[4]
+    b = a + steps
+    if b >= len(marks) or not all(m[5] for m in marks[a:b]):
+        raise RuntimeError(f"fewer than {steps + 4} pure-decode steps of the whole batch")
+    return {
+        "wall": 1e3 * (marks[b][0] - marks[a][0]) / steps,
+        "exposed": 1e3 * (marks[b][0] - marks[a][0] - marks[b - 1][3] + marks[a - 1][3]) / steps,
+        "step_cpu": 1e3 * sum(m[4] - m[1] for m in marks[a:b]) / steps,
+        "between_steps_cpu": 1e3 * sum(marks[i + 1][1] - marks[i][4] for i in range(a, b)) / steps,
+        "loop_cpu": 1e3 * (marks[b][2] - marks[a][2]) / steps,
+    }
+
+
+def _serve_llm(path: str, bs: int, steps: int, device_ms: float, port_queue: mp.Queue, stop: mp.Event,
+               results: mp.Queue) -> None:
+    """The LLM tier: the real LLMServicer over an AsyncLLMEngine whose forward is a sleep;
+    every step is timed, with the CPU of the event loop (this process's main thread)."""
+    import threading
+
+    from host_overhead import SimulatedDevice, engine_config  # this script's neighbour
+    from llm_service.engine.async_engine import AsyncLLMEngine
+    from llm_service.server import SERVICE_NAME, LLMServicer
+    from protos import llm_pb2_grpc
+    from protos.serving import make_server
+
+    torch.set_num_threads(1)
+    llm = AsyncLLMEngine(path, engine_config(bs))
+    device, engine = SimulatedDevice(llm.engine, device_ms), llm.engine
+    loop_clock = time.pthread_getcpuclockid(threading.main_thread().ident)
+    marks: list[tuple] = []
+    step = engine.step
+
+    def timed_step():
+        w0, c0, l0 = time.perf_counter(), time.thread_time(), time.clock_gettime(loop_clock)
+        try:
+            return step()
+        finally:
+            log = engine.step_log[-1]
+            marks.append((w0, c0, l0, device.slept, time.thread_time(),
+                          log.prefill_tokens == 0 and log.decode_rows == bs))
+
+    async def main() -> None:
+        served = make_server([SERVICE_NAME], "127.0.0.1:0")
+        llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMServicer(llm), served.server)
+        await served.server.start()
+        port_queue.put(served.port)
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await served.server.stop(0)
+
+    engine.step = timed_step
+    try:
+        asyncio.run(main())
+        results.put(_decode_window(marks, steps))
+    except Exception as e:  # the parent reports it
+        results.put(e)
+    finally:
+        llm.close()
+
+
+async def _gateway_decode(target: str, path: str, bs: int, steps: int) -> float:
+    """The gateway's side (ChatService over LLMClient): `bs` requests at once, every one
+    streamed and detokenized; this process's CPU per step."""
+    from gateway.config import GenerationConfig
+    from gateway.service import ChatService
+    from host_overhead import TEXT
+    from llm_service.client import LLMClient
+
+    service = ChatService(path, LLMClient(target))
+    tokens = steps + 48  # room for a window of `steps` with every request decoding, on a loaded machine too
+    gen = GenerationConfig(max_new_tokens=tokens, ignore_eos=True)
+
+    async def one(i: int) -> None:
+        async for _ in service.stream([{"role": "user", "content": f"{i} {TEXT}"}], gen):
+            pass
+
+    cpu = time.process_time()
+    await asyncio.gather(*(one(i) for i in range(bs)))
+    await service.llm.aclose()
+    return 1e3 * (time.process_time() - cpu) / tokens
+
+
+def decode_stages(bs: int, steps: int, device_ms: float) -> None:
+    from gateway.tiny_checkpoints import build_tiny_llava
+    from host_overhead import pipeline_decode
+
+    path = str(build_tiny_llava())
+    print(f"decode, {bs} requests streaming, the device a {device_ms:g} ms sleep (ms per step):")
+    keys = ("wall", "exposed", "step_cpu", "between_steps_cpu", "loop_cpu")
+    print(f"  {'':<34}" + "".join(f"{k:>18}" for k in keys))
+    embedded = pipeline_decode(Path(path), bs, steps, device_ms)
+    print(f"  {'embedded (ChatService in-process)':<34}" + "".join(f"{embedded[k]:18.3f}" for k in keys))
+    ctx = mp.get_context("spawn")
+    ports, stop, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    server = ctx.Process(target=_serve_llm, args=(path, bs, steps, device_ms, ports, stop, results), daemon=True)
+    server.start()
+    try:
+        gateway_cpu = asyncio.run(_gateway_decode(f"127.0.0.1:{ports.get(timeout=120)}", path, bs, steps))
+    finally:
+        stop.set()
+    split = results.get(timeout=60)
+    server.join(10)
+    if isinstance(split, Exception):
+        raise split
+    print(f"  {'split: the llm tier (gRPC out)':<34}" + "".join(f"{split[k]:18.3f}" for k in keys))
+    print(f"  {'split: the gateway process CPU':<34}{gateway_cpu:18.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=256, help="images per gRPC run (W2: 256)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="wire,requests,grpc,decode")
+    parser.add_argument("--decode-batch", type=int, default=256, help="requests streaming in the decode part")
+    parser.add_argument("--decode-steps", type=int, default=48)
+    parser.add_argument("--device-ms", type=float, default=8.0, help="simulated device time of a decode step")
     parser.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES,
                         help="chunk size of the in-process stages and the raw transport (the servicer sends CHUNK_BYTES)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"cores {os.cpu_count()}, torch {torch.__version__}, chunk {args.chunk_bytes} bytes")
-    wire_stages(args.repeats, args.chunk_bytes)
-    request_stages(args.repeats)
-    grpc_stages(args.images, args.repeats, args.chunk_bytes)
+    parts = args.parts.split(",")
+    if "wire" in parts:
+        wire_stages(args.repeats, args.chunk_bytes)
+    if "requests" in parts:
+        request_stages(args.repeats)
+    if "grpc" in parts:
+        grpc_stages(args.images, args.repeats, args.chunk_bytes)
+    if "decode" in parts:
+        decode_stages(args.decode_batch, args.decode_steps, args.device_ms)
 
 
 if __name__ == "__main__":
