@@ -28,11 +28,25 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "prism.v1.LLMService"
 
 
+# A streamed message costs grpc aio ~33 us of this process's event loop, which shares the GIL with
+# the engine thread: 256 streams of one id a step took 8.5-13 ms of CPU a decode step
+# (bench/split_overhead.py). So under load each stream's message waits for more ids: one more per
+# STREAMS_PER_EXTRA_TOKEN concurrent streams (4 ids at 256 streams); with up to 64 streams, and for
+# every first token, each id goes out as soon as it is sampled.
+STREAMS_PER_EXTRA_TOKEN = 64
+
+
+def tokens_per_chunk(streams: int) -> int:
+    """Ids a streamed GenerateResponse waits for while `streams` Generate calls are running."""
+    return 1 + max(0, streams - 1) // STREAMS_PER_EXTRA_TOKEN
+
+
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
     """Serves one engine; `engine` is None until the model has loaded."""
 
     def __init__(self, engine: AsyncLLMEngine | None = None):
         self.engine = engine
+        self.streams = 0  # Generate calls running (on the server's event loop only)
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> AsyncLLMEngine:
         if self.engine is None:
@@ -43,7 +57,8 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[llm_pb2.GenerateResponse]:
         engine = await self._engine(context)
-        stream = engine.generate(request)
+        stream = engine.generate(request, lambda: tokens_per_chunk(self.streams))
+        self.streams += 1
         try:
             async for chunk in stream:
                 yield chunk
@@ -52,6 +67,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         except (RuntimeError, TimeoutError) as e:  # engine closed, or vision tier unreachable
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
+            self.streams -= 1
             await stream.aclose()  # on cancellation: aborts the request, frees its blocks
 
     async def Info(self, request: llm_pb2.LLMInfoRequest, context: grpc.aio.ServicerContext) -> llm_pb2.LLMInfo:

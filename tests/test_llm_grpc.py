@@ -119,6 +119,39 @@ def test_round_trip_equals_hf(servers, refs):
     assert info.total_blocks == info.free_blocks > 0 and 2 in info.eos_token_ids
 
 
+def test_streams_carry_more_ids_a_message_under_load(servers, refs, monkeypatch):
+    """With many concurrent Generate calls each message waits for several ids (fewer messages for
+    the server's event loop); the first id still goes alone, and the ids are the same."""
+    from llm_service import server as llm_server
+
+    assert [llm_server.tokens_per_chunk(n) for n in (1, 64, 65, 128, 129, 256)] == [1, 1, 2, 2, 3, 4]
+    monkeypatch.setattr(llm_server, "STREAMS_PER_EXTRA_TOKEN", 1)  # 3 streams: 3 ids a message
+    target = servers.targets["llm"]
+    run(wait_serving(target, timeout=10))
+    chosen = list(refs.values())
+
+    async def all_at_once():
+        client = LLMClient(target)
+        try:
+            async def sizes(prompt):
+                out = []
+                async for chunk in client.generate(request(prompt.segments)):
+                    out.append(list(chunk.token_ids))
+                return out
+
+            return await asyncio.gather(*(sizes(p) for p, _ in chosen))
+        finally:
+            await client.aclose()
+
+    results = run(all_at_once())
+    for chunks, (prompt, ref) in zip(results, chosen):
+        assert [i for c in chunks for i in c] == ref.tokens
+        assert len(chunks[0]) == 1
+    tokens = sum(len(ref.tokens) for _, ref in chosen)
+    assert tokens >= 12 and sum(len(chunks) for chunks in results) < tokens  # ids shared messages
+    _wait_all_free(target)
+
+
 def test_bad_requests_are_invalid_argument(servers, refs):
     target = servers.targets["llm"]
     ok = refs["fox"][0].segments

@@ -59,10 +59,10 @@ class _Stream:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def next(self) -> _Delta:
-        """Everything received since the last call (waits for something); raises the
-        engine's error for this request."""
-        while not (self.pending.token_ids or self.pending.finish_reason or self.error):
+    async def next(self, min_tokens: int = 1) -> _Delta:
+        """Everything received since the last call, once it holds `min_tokens` ids or the
+        finish (waits); raises the engine's error for this request."""
+        while not (len(self.pending.token_ids) >= min_tokens or self.pending.finish_reason or self.error):
             self.waiter = self.loop.create_future()
             await self.waiter
         if self.error is not None:
@@ -103,9 +103,12 @@ class AsyncLLMEngine:
 
     # ---- caller side (any thread, any loop) ----
 
-    async def generate(self, request: llm_pb2.GenerateRequest) -> AsyncIterator[llm_pb2.GenerateResponse]:
+    async def generate(
+        self, request: llm_pb2.GenerateRequest, tokens_per_chunk: Callable[[], int] | None = None
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
         """Stream of newly generated ids per step; the last chunk carries finish_reason and
-        usage. ValueError for a bad request, before any token."""
+        usage. ValueError for a bad request, before any token. tokens_per_chunk: after the
+        first chunk, how many ids a chunk waits for (asked before each one; default 1)."""
         if self._closed:
             raise RuntimeError("the LLM engine is closed")
         e = self.engine
@@ -120,8 +123,10 @@ class AsyncLLMEngine:
         self._submit(lambda: self._start(stream))
         done = False
         try:
+            first = True
             while not done:
-                delta = await stream.next()
+                delta = await stream.next(1 if first or tokens_per_chunk is None else tokens_per_chunk())
+                first = False
                 done = bool(delta.finish_reason)
                 yield self._response(seq, delta)
         finally:

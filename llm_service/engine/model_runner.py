@@ -122,10 +122,7 @@ class ModelRunner:
                 logits_rows.append(cu[-1] - 1)
         width = max(len(item.seq.block_table) for item in batch)
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
-        rows = None
-        if image_rows:  # in the model's dtype: the workers receive them at that dtype
-            rows = (image_rows[0] if len(image_rows) == 1 else torch.cat(image_rows)).to(self.dtype).contiguous()
-            rows = rows.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else rows
+        rows = _stage_rows(image_rows, self.dtype, self.device) if image_rows else None
         step = PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
                                 self.device)
         if input_ids is not None:
@@ -150,3 +147,17 @@ class ModelRunner:
             return self.prefill_graphs.run(ids, step.positions, meta, logits_rows)
         hidden = self.model(ids, step.positions, meta, step.image_index, step.image_rows)
         return self.model.compute_logits(hidden[logits_rows]).float()
+
+
+def _stage_rows(rows: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A step's image rows as one tensor on `device`, in the model's dtype (the workers receive
+    them at that dtype). On CUDA through pinned memory, one host copy at most (the vision tier's
+    rows usually are pinned already), and no wait for the GPU's queued work."""
+    if device.type != "cuda":
+        return rows[0].to(dtype) if len(rows) == 1 else torch.cat(rows).to(dtype)
+    if len(rows) == 1:
+        host = rows[0].to(dtype).contiguous().pin_memory()  # a no-op when pinned
+    else:
+        host = torch.empty((sum(r.shape[0] for r in rows), rows[0].shape[1]), dtype=dtype, pin_memory=True)
+        torch.cat([r.to(dtype) for r in rows], out=host)
+    return host.to(device, non_blocking=True)
