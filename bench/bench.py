@@ -486,7 +486,24 @@ def vision_alone(pipe, inputs: Inputs) -> dict:
     after = engine.info()
     batches = after.batches_run - before.batches_run
     return {"images_s": len(images) / wall, "images": len(images),
-            "mean_batch": (after.images_encoded - before.images_encoded) / max(1, batches)}
+            "mean_batch": (after.images_encoded - before.images_encoded) / max(1, batches),
+            "tower": tower_alone(engine, images[: engine.config.max_batch_size])}
+
+
+def tower_alone(engine, images) -> dict:
+    """The tier's tower + projector on ready pixels, one batch of `images`, timed as hf_vision
+    times transformers' (the same work at the same batch size; the engine's threads are idle)."""
+    from vision_service.preprocess import decode_image
+
+    prepared = [engine.model.prepare(decode_image(image.data), {}) for image in images]
+    device = str(engine.device)
+    engine.model.encode(prepared)
+    sync(device)
+    iters, t0 = 3, time.perf_counter()
+    for _ in range(iters):
+        engine.model.encode(prepared)
+    sync(device)
+    return {"batch": len(images), "images_s": iters * len(images) / (time.perf_counter() - t0)}
 
 
 def w3_multiturn(pipe, inputs: Inputs, counts: Counts) -> dict:
@@ -847,6 +864,11 @@ def render(data: dict) -> str:
                  f" (transformers: tower on ready pixels, bs {hf_vision.get('batch', '?')}) | "
                  f"{_cell(data, 'hf.eager.vision', 'images_s', '.0f')} | | {alone_cell} | "
                  f"{_target('≥ transformers tower', alone.get('images_s'), hf_vision.get('images_s'))} |")
+    tower = alone.get("tower") or {}
+    lines.append(f"| vision tower + projector on ready pixels, images/s (bs {hf_vision.get('batch', '?')} / "
+                 f"{tower.get('batch', '?')}) | {_cell(data, 'hf.eager.vision', 'images_s', '.0f')} | | "
+                 f"{_num(tower.get('images_s'), '.0f')} | "
+                 f"{_target('≥ transformers tower', tower.get('images_s'), hf_vision.get('images_s'))} |")
     w3_cell = w3.get("error") or (f"{_num(w3.get('ttft1_ms'), '.0f')} → {_num(w3.get('ttft2_ms'), '.0f')} "
                                   f"({_num(w3.get('ratio'), '.1f')}× lower)" if w3 else "–")
     lines.append(f"| W3 TTFT turn 1 → turn 2 (ms) | | | {w3_cell} | "
