@@ -479,14 +479,15 @@ def vision_alone(pipe, inputs: Inputs) -> dict:
     async def all_at_once() -> None:
         await asyncio.gather(*(engine.encode([image]) for image in images))
 
-    before = engine.info()
+    before, finishing = engine.info(), engine.finish_seconds
     t0 = time.perf_counter()
     asyncio.run(all_at_once())
     wall = time.perf_counter() - t0
     after = engine.info()
     batches = after.batches_run - before.batches_run
-    return {"images_s": len(images) / wall, "images": len(images),
+    return {"images_s": len(images) / wall, "images": len(images), "wall_s": wall,
             "mean_batch": (after.images_encoded - before.images_encoded) / max(1, batches),
+            "finisher_s": engine.finish_seconds - finishing,  # forward waits + host copies, per wall_s
             "tower": tower_alone(engine, images[: engine.config.max_batch_size])}
 
 

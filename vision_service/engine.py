@@ -102,6 +102,7 @@ class VisionEngine:
         self.images_encoded = 0
         self.batches_run = 0
         self.batch_sizes: Counter[int] = Counter()  # images per forward -> forwards run
+        self.finish_seconds = 0.0  # the finisher's wait for forwards + copies to the host (bench/)
         self._logged_at = time.monotonic()
         self._pending: deque[_Work] = deque()
         self._cond = threading.Condition()
@@ -265,6 +266,7 @@ class VisionEngine:
 
     def _finish(self, launched: _Launched) -> None:
         """Wait for one forward, copy its embeddings to the host and resolve its callers."""
+        started = time.perf_counter()
         if self._copy_stream is None:
             outputs = [ImageEmbedding(o.embedding.to("cpu", copy=True), o.grid_thw) for o in launched.outputs]
         else:  # a stream of its own: the copies overlap the next batch's forward. Into pinned memory
@@ -281,6 +283,7 @@ class VisionEngine:
             outputs = [ImageEmbedding(host, o.grid_thw) for host, o in zip(hosts, launched.outputs)]
         batch = launched.batch
         with self._cond:
+            self.finish_seconds += time.perf_counter() - started
             self.images_encoded += len(batch)
             self.batches_run += 1
             self.batch_sizes[len(batch)] += 1
