@@ -93,11 +93,7 @@ async def serve(model_path: str, llm_target: str, chat_template_config: ChatTemp
     try:
         with stop_on_signals(stop):
             await wait_serving(llm_target, timeout=LLM_WAIT_SECONDS)
-            await served.set_serving(True)
-            logger.info("gateway serving on port %s (llm %s)", served.port, llm_target)
-            if on_started is not None:
-                on_started(served.port)
-            await stop.wait()
+            await served.serve_until(stop, f"gateway serving on port {served.port} (llm {llm_target})", on_started)
     finally:
         await served.set_serving(False)
         await asyncio.shield(served.server.stop(DRAIN_SECONDS))

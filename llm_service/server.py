@@ -140,11 +140,7 @@ async def serve(
             engine = await asyncio.to_thread(AsyncLLMEngine, model_path, config, vision)
             engine.engine.on_worker_failure(worker_failed)
             servicer.engine = engine
-            await served.set_serving(True)
-            logger.info("llm service SERVING on port %d", served.port)
-            if on_started is not None:
-                on_started(served.port)
-            await stop.wait()
+            await served.serve_until(stop, f"llm service SERVING on port {served.port}", on_started)
     finally:
         await served.set_serving(False)
         await served.server.stop(grace)  # drain: in-flight streams get `grace` seconds

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # 256 KiB costs more per image in messages; 4 MiB gains nothing (bench/split_overhead.py)
 MAX_MESSAGE_BYTES = 256 << 20
@@ -39,6 +43,16 @@ class Served:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ["", *self.services]:
             await self.health.set(name, status)
+
+    async def serve_until(self, stop: asyncio.Event, announce: str,
+                          on_started: Callable[[int], None] | None = None) -> None:
+        """Health SERVING, `announce` logged, `on_started(port)` called; then wait for `stop`
+        (the caller turns NOT_SERVING and drains)."""
+        await self.set_serving(True)
+        logger.info("%s", announce)
+        if on_started is not None:
+            on_started(self.port)
+        await stop.wait()
 
 
 def make_server(service_names: list[str], bind: str) -> Served:

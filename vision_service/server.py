@@ -88,11 +88,7 @@ async def serve(
         with stop_on_signals(stop):
             engine = await asyncio.to_thread(VisionEngine, model_path, config)
             servicer.engine = engine
-            await served.set_serving(True)
-            logger.info("vision service SERVING on port %d", served.port)
-            if on_started is not None:
-                on_started(served.port)
-            await stop.wait()
+            await served.serve_until(stop, f"vision service SERVING on port {served.port}", on_started)
     finally:
         await served.set_serving(False)
         await served.server.stop(grace)
