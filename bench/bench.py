@@ -106,6 +106,40 @@ SMOKE = Counts(requests=8, new_tokens=8, hf_batch=4, vision_batch=4, repeats=1, 
 
 # ---------------------------------------------------------------- results
 
+class GcPauses:
+    """The garbage collector's pauses while entered: count and ms per generation, and the longest."""
+
+    def __init__(self):
+        self.ms = {0: 0.0, 1: 0.0, 2: 0.0}
+        self.counts = {0: 0, 1: 0, 2: 0}
+        self.longest_ms = 0.0
+        self._started = 0.0
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        ms = 1e3 * (time.perf_counter() - self._started)
+        self.ms[info["generation"]] += ms
+        self.counts[info["generation"]] += 1
+        self.longest_ms = max(self.longest_ms, ms)
+
+    def __enter__(self) -> "GcPauses":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return {"gc_ms": {g: round(v, 1) for g, v in self.ms.items()}, "gc_counts": dict(self.counts),
+                "gc_longest_ms": round(self.longest_ms, 1)}
+
+
+def _alloc_retries() -> int:
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+
+
 class Report:
     """Results as nested dicts; rewritten to results.json and results.md after every stage."""
 
@@ -131,11 +165,17 @@ class Report:
 
     @contextlib.contextmanager
     def stage(self, path: str):
-        """Run a stage: time it, and on failure store {"error": ...} at `path` and carry on."""
+        """Run a stage: time it, and on failure store {"error": ...} at `path` and carry on.
+        Also records what stalls a stage from outside its code: the garbage collector's pauses
+        (every thread's) and the CUDA allocator's retries (a cudaMalloc that failed, freed the
+        cache and synchronized the device)."""
         t0 = time.perf_counter()
         print(f"[bench] {path} ...", flush=True)
+        pauses = GcPauses()
+        retries = _alloc_retries()
         try:
-            yield
+            with pauses:
+                yield
         except Exception as e:  # noqa: BLE001  (one failed stage must not lose the others)
             traceback.print_exc()
             error = f"failed: {type(e).__name__}: {e}".splitlines()[0][:200]
@@ -144,6 +184,7 @@ class Report:
         finally:
             seconds = round(time.perf_counter() - t0, 1)
             self.data["stage_seconds"][path] = seconds
+            self.data.setdefault("stalls", {})[path] = {**pauses.summary(), "alloc_retries": _alloc_retries() - retries}
             print(f"[bench] {path} done in {seconds}s", flush=True)
             self.save()
 
@@ -523,7 +564,8 @@ def w3_multiturn(pipe, inputs: Inputs, counts: Counts) -> dict:
         first.append(t1.first)
         second.append(t2.first)
     ttft1, ttft2 = statistics.median(first), statistics.median(second)
-    return {"ttft1_ms": 1e3 * ttft1, "ttft2_ms": 1e3 * ttft2, "ratio": ttft1 / ttft2}
+    return {"ttft1_ms": 1e3 * ttft1, "ttft2_ms": 1e3 * ttft2, "ratio": ttft1 / ttft2,
+            "turns_ms": [[round(1e3 * a, 1), round(1e3 * b, 1)] for a, b in zip(first, second)]}
 
 
 def _profiled(name: str, run, out: Path) -> None:
