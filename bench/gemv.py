@@ -60,14 +60,14 @@ def copy_bandwidth() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--tp", type=int, default=1, help="shard the shapes as one rank of tp would")
+    parser.add_argument("--tp", default="1", help="shard the shapes as one rank of tp would (comma list: each in turn)")
     parser.add_argument("--sweep", action="store_true", help="also time every Triton tile setting; print the best")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__} · copy {copy_bandwidth() / 1e9:.0f} GB/s")
-    for bs in map(int, args.batch_sizes.split(",")):
+    for tp, bs in itertools.product(map(int, args.tp.split(",")), map(int, args.batch_sizes.split(","))):
         layer = {"cublas": 0.0, "triton": 0.0}
         for name, (n, k) in SHAPES.items():
-            n, k = (n, k // args.tp) if name in ("o", "down") else (n // args.tp, k)
+            n, k = (n, k // tp) if name in ("o", "down") else (n // tp, k)
             # as many copies as it takes to overflow the 50 MB L2, read in turn, as a model's layers are
             ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(-(-400_000_000 // (2 * n * k)))]
             w = ws[0]
@@ -81,16 +81,19 @@ def main() -> None:
             best = ""
             if args.sweep:
                 tried = {}
-                for bn, bk, warps, stages in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3)):
+                grid = (((1, 2, 4, 8), (1024, 2048, 4096), (4, 8, 16), (1, 2)) if bs == 1 else
+                        ((4, 8, 16, 32), (256, 512, 1024), (4, 8), (1, 3)))
+                for bn, bk, warps, stages in itertools.product(*grid):
                     knobs = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
                     tried[tuple(knobs.values())] = graph_time(lambda: gemv(x, next(turn), **knobs))
-                cfg = min(tried, key=tried.get)
-                best = f"  best (bn, bk, warps, stages) {cfg}: {tried[cfg] * 1e6:.1f} us {w.numel() * 2 / tried[cfg] / 1e9:.0f} GB/s"
+                best = "  best (bn, bk, warps, stages): " + ", ".join(
+                    f"{cfg} {tried[cfg] * 1e6:.1f} us {w.numel() * 2 / tried[cfg] / 1e9:.0f} GB/s"
+                    for cfg in sorted(tried, key=tried.get)[:3])
             for impl, t in times.items():
                 layer[impl] += t if name in PER_LAYER else 0.0
             line = "  ".join(f"{impl} {t * 1e6:6.1f} us {w.numel() * 2 / t / 1e9:5.0f} GB/s" for impl, t in times.items())
-            print(f"bs {bs:3d} {name:8s} {n:6d}x{k:6d}  {line}{best}", flush=True)
-        print(f"bs {bs:3d} 32 layers of projections: " + ", ".join(f"{impl} {32 * t * 1e3:.2f} ms" for impl, t in layer.items()))
+            print(f"tp {tp} bs {bs:3d} {name:8s} {n:6d}x{k:6d}  {line}{best}", flush=True)
+        print(f"tp {tp} bs {bs:3d} 32 layers of projections: " + ", ".join(f"{impl} {32 * t * 1e3:.2f} ms" for impl, t in layer.items()))
 
 
 if __name__ == "__main__":
