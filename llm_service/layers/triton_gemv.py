@@ -80,6 +80,18 @@ if AVAILABLE:
         y_ptrs = y_ptr + rm_out[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm_out[:, None] < M) & n_ok[None, :])
 
+def one_row_tiles(K: int) -> tuple[int, int, int, int]:
+    """(rows a program, K slice, warps, stages) for one row of x, from bench/gemv.py's sweep on an
+    H200 over Llama-7B shapes at tp 1 and 2 (each within 2% of that shape's best, 4.0-4.4 TB/s):
+    short K (o_proj at tp 2) wants more rows a program and small slices so every program still
+    streams a few loads at once; a K that 4096 leaves a short tail of (down_proj at tp 2) 2048."""
+    if K <= 2048:
+        return 8, 1024, 8, 1
+    if K > 4096:  # down_proj
+        return 4, 2048 if K < 8192 and K % 4096 else 4096, 4, 1
+    return 4, 4096, 8, 1
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None) -> torch.Tensor:
@@ -93,11 +105,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError("gemv needs a weight contiguous along K")
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    # tiles from bench/gemv.py's sweep on an H100 (Llama-7B shapes, weights streamed from HBM)
-    if M == 1:  # 2 rows a program, K in slices of up to 4096: ~3 TB/s on every 7B shape
-        block_m, block_n, block_k = 1, block_n or 2, block_k or 4096
-        num_warps, num_stages = (16, 1) if num_warps is None else (num_warps, num_stages)
-    else:
+    if M == 1:
+        tiles = one_row_tiles(K)
+        block_m, block_n, block_k = 1, block_n or tiles[0], block_k or tiles[1]
+        num_warps, num_stages = tiles[2:] if num_warps is None else (num_warps, num_stages)
+    else:  # tiles from bench/gemv.py's sweep on an H100 (Llama-7B shapes)
         block_m, block_n, block_k = 16, block_n or 32, block_k or 1024
         num_warps, num_stages = (4, 3) if num_warps is None else (num_warps, num_stages)
     if x.element_size() > 2 and block_m > 1:  # fp32 tiles of 1024 would overflow shared memory
