@@ -23,6 +23,7 @@ from gateway.config import GenerationConfig, Response, TurbomindEngineConfig, Vi
 from gateway.messages import normalize_messages, normalize_prompts
 from gateway.service import ChatService, collect
 from gateway.templates import ChatTemplateConfig
+from protos.serving import freeze_startup_heap
 
 _IGNORED_KWARGS = ("trust_remote_code", "max_log_len")  # LMDeploy options with no meaning here
 _DONE = object()
@@ -93,6 +94,7 @@ class Pipeline:
         except BaseException:
             self.close()
             raise
+        freeze_startup_heap()
 
     async def _build(self, backend_config, chat_template_config, vision_config):
         self._semaphore = asyncio.Semaphore(self._limit) if self._limit else None

@@ -41,3 +41,18 @@ def test_a_bad_conversation_is_a_value_error_alone_or_in_a_batch(embedded):
         with pytest.raises(ValueError, match="IMAGE_TOKEN"):
             call()
     assert embedded(good, gen_config=gen).generate_token_len == 2
+
+
+def test_building_a_pipeline_freezes_its_startup_heap(tiny_llava):
+    """The model, tokenizer and engines move to the collector's permanent generation, so a full
+    collection during serving does not walk them (a 270-330 ms pause on the 7B bench)."""
+    import gc
+
+    from gateway import pipeline
+
+    gc.unfreeze()
+    with pipeline(str(tiny_llava)) as pipe:
+        frozen = gc.get_freeze_count()
+        engine = pipe._service.llm
+        assert frozen > 10_000
+        assert gc.is_tracked(engine) and engine not in gc.get_objects(generation=2)

@@ -34,6 +34,7 @@ from llm_service.distributed.launcher import WorkerArgs
 from llm_service.distributed.step import recv_step
 from llm_service.engine.model_runner import ModelRunner
 from llm_service.models.loader import read_spec
+from protos.serving import freeze_startup_heap
 
 PARENT_POLL_S = 0.5
 
@@ -57,6 +58,7 @@ def run_worker(args: WorkerArgs) -> None:
     start_group(store, args.rank, args.size, device, timeout)
     dtype = getattr(torch, args.dtype)
     runner = ModelRunner(spec, args.engine_config(), dtype, device, args.session_len, args.max_batch_size)
+    freeze_startup_heap()  # a full collection here would stall every rank's step
     while (step := recv_step(device, dtype, spec.args.hidden_size)) is not None:
         runner.forward(step.unpack())
     runner.drop_graphs()  # graphs holding collectives would block the communicators' teardown
