@@ -4,7 +4,8 @@ At bs=1 a decode step is the weights read once: 13.48 GB. This times each projec
 with 50 launches captured in one CUDA graph, so launch gaps do not count, and prints
 the achieved GB/s next to a device-to-device copy: cuBLAS (F.linear) and the Triton
 GEMV of llm_service/layers/triton_gemv.py, the latter over a sweep of its tile knobs
-(checked against F.linear first).
+(checked against F.linear first). gate_up also times the GEMV with SiLU * up as its
+epilogue against the GEMV then silu_and_mul (checked bit for bit first).
 
     python bench/gemv.py [--batch-sizes 1,8] [--tp 1] [--sweep]
 """
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llm_service.layers.triton_fused import silu_and_mul  # noqa: E402
 from llm_service.layers.triton_gemv import gemv  # noqa: E402
 
 SHAPES = {  # name: (out_features, in_features), Llama-2-7B, vocab 32064
@@ -55,6 +57,16 @@ def copy_bandwidth() -> float:
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() / graph_time(lambda: dst.copy_(src), reps=10)
+
+
+def fused_launches(name: str, x: torch.Tensor, w: torch.Tensor, turn) -> dict:
+    """{label: launch} for a projection that has a fused epilogue: the unfused launches first, then
+    the fused one (checked to give their bits)."""
+    if name != "gate_up":
+        return {}
+    assert torch.equal(gemv(x, w, gated=True), silu_and_mul(gemv(x, w))), "gated gemv: not gemv + silu's bits"
+    return {"gemv+silu": lambda: silu_and_mul(gemv(x, next(turn))),
+            "gated gemv": lambda: gemv(x, next(turn), gated=True)}
 
 
 def main() -> None:
@@ -93,6 +105,10 @@ def main() -> None:
                 layer[impl] += t if name in PER_LAYER else 0.0
             line = "  ".join(f"{impl} {t * 1e6:6.1f} us {w.numel() * 2 / t / 1e9:5.0f} GB/s" for impl, t in times.items())
             print(f"tp {tp} bs {bs:3d} {name:8s} {n:6d}x{k:6d}  {line}{best}", flush=True)
+            fused = {label: graph_time(fn) for label, fn in fused_launches(name, x, w, turn).items()}
+            if fused:
+                print(f"tp {tp} bs {bs:3d} {name:8s} epilogue: " + ", ".join(f"{label} {t * 1e6:.1f} us"
+                                                                      for label, t in fused.items()), flush=True)
         print(f"tp {tp} bs {bs:3d} 32 layers of projections: " + ", ".join(f"{impl} {32 * t * 1e3:.2f} ms" for impl, t in layer.items()))
 
 

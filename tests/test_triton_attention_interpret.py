@@ -9,24 +9,16 @@ bugs of the fold; tests/gpu/test_triton_attention.py replays it on a GPU.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.interpreter import needs_triton, run_script
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its interpreter)")
+@needs_triton
 def test_kernels_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "all ok" in run.stdout
+    run_script(__file__)
 
 
 def _case(seqs, hq, hkv, d, page, gen):

@@ -48,6 +48,13 @@ if AVAILABLE:
         tl.store(out_ptr + row * stride_out + cols, (w * y).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def silu_mul(gate, up, DT: tl.constexpr):
+        """silu(gate) * up in DT from fp32 values already rounded to DT, the SiLU rounded to DT
+        before the multiply; shared with the gated GEMV (triton_gemv.py) so both round alike."""
+        act = (gate / (1.0 + tl.exp(-gate))).to(DT).to(tl.float32)
+        return (act * up).to(DT)
+
+    @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, I, stride_x, stride_out, PDL: tl.constexpr, BLOCK: tl.constexpr):
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
@@ -57,8 +64,7 @@ if AVAILABLE:
         ok = cols < I
         gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + I + cols, mask=ok, other=0.0).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + row * stride_out + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llm_service.distributed import tp_size
+from llm_service.layers import triton_gemv
 from llm_service.layers.activation import SiluAndMul
 from llm_service.layers.attention import Attention, AttentionMetadata
 from llm_service.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -75,7 +76,11 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)), reduce)
+        if self.gate_up_proj.use_gemv and x.shape[0] <= triton_gemv.MAX_ROWS:  # SiLU * up in the GEMV's epilogue
+            h = triton_gemv.gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias, gated=True)
+        else:
+            h = self.act(self.gate_up_proj(x))
+        return self.down_proj(h, reduce)
 
 
 def sums_in_norms(a: LlamaArgs) -> bool:

@@ -1,5 +1,6 @@
 """The fused Triton kernels of a decoder layer against the torch paths they replace
-(skipped without CUDA or triton): residual + RMSNorm, SiLU * up, rotary + KV store, GEMV."""
+(skipped without CUDA or triton): residual + RMSNorm, SiLU * up, rotary + KV store, GEMV; and
+the GEMV with SiLU * up as its epilogue against the two launches it replaces, bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -15,6 +16,7 @@ from llm_service.layers.activation import SiluAndMul  # noqa: E402
 from llm_service.layers.norm import RMSNorm  # noqa: E402
 from llm_service.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 from llm_service.layers.triton_attention import rope_store  # noqa: E402
+from llm_service.layers.triton_fused import silu_and_mul  # noqa: E402
 from llm_service.layers.triton_gemv import MAX_ROWS, gemv  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -97,21 +99,44 @@ def test_gemv_equals_linear(dtype, rows, n, k):
         gemv(torch.randn(MAX_ROWS + 1, k, dtype=dtype, device="cuda"), w)
 
 
-def _layer_chain(x, res, norm_w, w_up, w_down, steps):
-    """A decoder-MLP-shaped chain of dependent kernels (norm -> GEMV -> SiLU*up -> GEMV), repeated."""
-    from llm_service.layers.triton_fused import rms_norm, silu_and_mul
+# Llama-7B's MLP (11008; 5504 a rank at tp 2) and odd sizes: I not a multiple of any program's rows,
+# K not a multiple of any K slice (a one-row slice is 1024 wide at K <= 2048, 2048/4096 past 4096)
+GATED_SHAPES = [(11008, 4096), (5504, 4096), (37, 300), (1000, 1500), (100, 5000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", list(range(1, MAX_ROWS + 1)))
+@pytest.mark.parametrize("inter,k", GATED_SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_gemv_has_the_bits_of_gemv_then_silu_and_mul(dtype, rows, inter, k, bias):
+    """SiLU * up in the gate_up GEMV's epilogue: each row summed as the plain GEMV sums it and rounded
+    to the model dtype, then silu_and_mul's roundings, so bit for bit the two launches it replaces."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, dtype=dtype, device="cuda")
+    w = torch.randn(2 * inter, k, dtype=dtype, device="cuda") * k**-0.5
+    b = torch.randn(2 * inter, dtype=dtype, device="cuda") if bias else None
+    got = gemv(x, w, b, gated=True)
+    assert got.shape == (rows, inter) and got.dtype == dtype
+    torch.testing.assert_close(got, silu_and_mul(gemv(x, w, b)), atol=0, rtol=0)
+
+
+def _layer_chain(x, res, norm_w, w_up, w_down, steps, gated=False):
+    """A decoder-MLP-shaped chain of dependent kernels (norm -> GEMV -> SiLU*up -> GEMV), repeated;
+    gated: SiLU*up in the first GEMV's epilogue."""
+    from llm_service.layers.triton_fused import rms_norm
 
     for _ in range(steps):
         h = rms_norm(x, norm_w, 1e-5, res)
-        x = gemv(silu_and_mul(gemv(h, w_up)), w_down)
+        x = gemv(gemv(h, w_up, gated=True) if gated else silu_and_mul(gemv(h, w_up)), w_down)
     return x
 
 
 @pytest.mark.parametrize("rows", [1, 4])
-def test_pdl_chain_in_a_graph_matches_plain_launches(monkeypatch, rows):
+@pytest.mark.parametrize("gated", [False, True])
+def test_pdl_chain_in_a_graph_matches_plain_launches(monkeypatch, rows, gated):
     """Programmatic dependent launch lets each kernel start before the previous one ends; a wait
     placed wrong would read stale activations. The same chain, eager and replayed from a CUDA graph
-    with PDL, must give the bits of the chain launched without it."""
+    with PDL, must give the bits of the chain launched without it (and, gated, without the fusion)."""
     from llm_service.layers import pdl
 
     dev = torch.device("cuda")
@@ -133,14 +158,14 @@ def test_pdl_chain_in_a_graph_matches_plain_launches(monkeypatch, rows):
     pdl.enabled.cache_clear()
     assert pdl.enabled(dev)
     r1 = res.clone()
-    torch.testing.assert_close(_layer_chain(x, r1, norm_w, w_up, w_down, 24), want, atol=0, rtol=0)
+    torch.testing.assert_close(_layer_chain(x, r1, norm_w, w_up, w_down, 24, gated), want, atol=0, rtol=0)
     torch.testing.assert_close(r1, r0, atol=0, rtol=0)
 
     static_x, static_res = x.clone(), res.clone()
-    _layer_chain(static_x, static_res.clone(), norm_w, w_up, w_down, 1)  # compile before capture
+    _layer_chain(static_x, static_res.clone(), norm_w, w_up, w_down, 1, gated)  # compile before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = _layer_chain(static_x, static_res, norm_w, w_up, w_down, 24)
+        out = _layer_chain(static_x, static_res, norm_w, w_up, w_down, 24, gated)
     for _ in range(3):
         static_res.copy_(res)
         graph.replay()
