@@ -4,8 +4,9 @@ At bs=1 a decode step is the weights read once: 13.48 GB. This times each projec
 with 50 launches captured in one CUDA graph, so launch gaps do not count, and prints
 the achieved GB/s next to a device-to-device copy: cuBLAS (F.linear) and the Triton
 GEMV of llm_service/layers/triton_gemv.py, the latter over a sweep of its tile knobs
-(checked against F.linear first). gate_up also times the GEMV with SiLU * up as its
-epilogue against the GEMV then silu_and_mul (checked bit for bit first).
+(checked against F.linear first). gate_up and qkv also time the GEMV with its fused epilogue
+(SiLU * up; rotary + KV-cache store) against the GEMV then silu_and_mul / rope_store
+(checked bit for bit first).
 
     python bench/gemv.py [--batch-sizes 1,8] [--tp 1] [--sweep]
 """
@@ -21,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llm_service.layers.rotary import RotaryEmbedding  # noqa: E402
+from llm_service.layers.triton_attention import rope_store  # noqa: E402
 from llm_service.layers.triton_fused import silu_and_mul  # noqa: E402
-from llm_service.layers.triton_gemv import gemv  # noqa: E402
+from llm_service.layers.triton_gemv import gemv, qkv_rope_store  # noqa: E402
 
 SHAPES = {  # name: (out_features, in_features), Llama-2-7B, vocab 32064
     "qkv": (3 * 4096, 4096),
@@ -62,11 +65,26 @@ def copy_bandwidth() -> float:
 def fused_launches(name: str, x: torch.Tensor, w: torch.Tensor, turn) -> dict:
     """{label: launch} for a projection that has a fused epilogue: the unfused launches first, then
     the fused one (checked to give their bits)."""
-    if name != "gate_up":
+    if name == "gate_up":
+        assert torch.equal(gemv(x, w, gated=True), silu_and_mul(gemv(x, w))), "gated gemv: not gemv + silu's bits"
+        return {"gemv+silu": lambda: silu_and_mul(gemv(x, next(turn))),
+                "gated gemv": lambda: gemv(x, next(turn), gated=True)}
+    if name != "qkv":
         return {}
-    assert torch.equal(gemv(x, w, gated=True), silu_and_mul(gemv(x, w))), "gated gemv: not gemv + silu's bits"
-    return {"gemv+silu": lambda: silu_and_mul(gemv(x, next(turn))),
-            "gated gemv": lambda: gemv(x, next(turn), gated=True)}
+    heads, d, page = w.shape[0] // 384, 128, 64  # Llama-2-7B: as many kv heads as heads, head_dim 128
+    rope = RotaryEmbedding(d, 4096, {"rope_theta": 10000.0}).cuda()(torch.arange(x.shape[0], device="cuda") * 97)
+    slots = torch.arange(x.shape[0], device="cuda") * page + 5
+    caches = [torch.zeros(x.shape[0], page, heads, d, dtype=x.dtype, device="cuda") for _ in range(4)]
+
+    def unfused(w, kc, vc):
+        q, k, v = gemv(x, w).view(x.shape[0], 3 * heads, d).split(heads, dim=1)
+        return rope_store(q, k, v, rope, kc, vc, slots)
+
+    q = unfused(w, caches[0], caches[1])
+    assert torch.equal(qkv_rope_store(x, w, None, rope, caches[2], caches[3], slots, heads, heads), q)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3]), "qkv_rope_store: other cache bits"
+    return {"gemv+rope_store": lambda: unfused(next(turn), *caches[:2]),
+            "qkv_rope_store": lambda: qkv_rope_store(x, next(turn), None, rope, *caches[:2], slots, heads, heads)}
 
 
 def main() -> None:

@@ -1,17 +1,20 @@
-"""The gated GEMV (SiLU * up in the gate_up projection's epilogue) in Triton's CPU interpreter
-(fp32: its bf16/fp16 dots are unreliable) against silu_and_mul of the plain GEMV: the same bits
-for one row of x (the tl.sum path) and 2..8 rows (tl.dot), with and without a bias, with N not a
-multiple of the rows a program owns and K not a multiple of the K slice; and Llama's MLP, which
-takes it for <= 8 rows, gives the bits of its unfused path.
+"""The fused GEMVs in Triton's CPU interpreter (fp32: its bf16/fp16 dots are unreliable) against the
+launches they replace: the gated GEMV against silu_and_mul of the plain GEMV, the QKV GEMV with its
+rotary + KV-store epilogue against rope_store of the plain GEMV's q, k, v (GQA, a bias, slot -1
+rows, heads that straddle a program's rows). Both must give the same bits, for one row of x (the
+tl.sum path) and 2..8 rows (tl.dot), with N not a multiple of the rows a program owns and K not a
+multiple of the K slice; and Llama's MLP and attention, which take them for <= 8 rows, must give
+the bits of their unfused paths.
 
 One caveat of the interpreter: its tl.dot is numpy's matmul, whose sum for an output column
-depends on where in the tile the column sits, and the gated kernel moves rows (up row j sits
-where gate row j does, not at I + j). So for 2..8 rows the plain GEMV is run on the rows at the
-fused kernel's positions (`_plain_at`): the same slices, sums and roundings. A GPU's dots
-(tensor-core MMA for 16-bit, FMA chains for fp32) and the one-row tl.sum give a column's sum
-independently of its position; tests/gpu/test_fused_kernels.py checks the fused kernel there
-against the plain layout, bf16 and fp32. An intermediate size that is a multiple of 32 (the
-positions agree) is checked against the plain layout here too.
+depends on where in the tile the column sits, and the fused kernels move rows (up row j sits
+where gate row j does, not at I + j; a head's row d + D/2 where its row d does). So for 2..8
+rows the plain GEMV is run on the rows at the fused kernel's positions (`_plain_at`): the same
+slices, sums and roundings. A GPU's dots (tensor-core MMA for 16-bit, FMA chains for fp32) and
+the one-row tl.sum give a column's sum independently of its position;
+tests/gpu/test_fused_kernels.py checks the fused kernels there against the plain layout, bf16
+and fp32. Shapes where the positions agree (intermediate a multiple of 32, head_dim 64) are
+checked against the plain layout here too.
 
 The interpreter is chosen when triton is imported, so the checks run in a child process with
 TRITON_INTERPRET=1 (this file run as a script).
@@ -26,7 +29,7 @@ from tests.interpreter import needs_triton, run_script
 
 
 @needs_triton
-def test_gated_gemv_in_the_interpreter():
+def test_fused_gemvs_in_the_interpreter():
     run_script(__file__)
 
 
@@ -37,7 +40,7 @@ def _report(name: str, ok: bool) -> bool:
 
 def _plain_at(x, w, b, first, second):
     """The plain GEMV's output with every row summed at the tile position the fused kernel gives it:
-    rows first[i] and second[i] (gate and up) both at position i."""
+    rows first[i] and second[i] (gate and up; the two rotary halves) both at position i."""
     from llm_service.layers.triton_gemv import gemv
 
     y = torch.empty(x.shape[0], w.shape[0])
@@ -71,29 +74,106 @@ def _gated(gen) -> list[bool]:
     return oks
 
 
-def _llama_mlp(gen) -> list[bool]:
-    """LlamaMLP with kernels on: <= 8 rows take the gated GEMV and give the bits of the unfused
-    launches (intermediate 64: the interpreter's positions agree)."""
-    from llm_service.models.llama import LlamaArgs, LlamaMLP
+def _qkv_case(gen, rows, hq, hkv, d, bias):
+    """x, the qkv weight and bias, rope, caches of random contents and a slot per row (the second -1)."""
+    from llm_service.layers.rotary import RotaryEmbedding
+
+    K, page, blocks = 1100, 4, 6
+    w = torch.randn((hq + 2 * hkv) * d, K, generator=gen) * K**-0.5
+    b = torch.randn(w.shape[0], generator=gen) if bias else None
+    x = torch.randn(rows, K, generator=gen)
+    rope = RotaryEmbedding(d, 64, {"rope_theta": 10000.0})(torch.randint(0, 64, (rows,), generator=gen))
+    slots = torch.randperm(blocks * page, generator=gen)[:rows]
+    if rows > 1:
+        slots[1] = -1
+    cache = torch.randn(blocks, page, hkv, d, generator=gen)
+    return x, w, b, rope, cache, torch.randn(cache.shape, generator=gen), slots
+
+
+def _qkv(gen) -> list[bool]:
+    from llm_service.layers.rotary import apply_rotary
+    from llm_service.layers.triton_attention import rope_store
+    from llm_service.layers.triton_gemv import gemv, qkv_rope_store
+
+    oks = []
+    # MHA; GQA with a bias (head_dim 12: a program's row pairs straddle heads); GQA group 5; head_dim 64
+    for rows, hq, hkv, d, bias in ((1, 2, 2, 16, False), (1, 4, 2, 12, True), (3, 4, 2, 12, True),
+                                   (8, 5, 1, 8, True), (2, 2, 2, 16, False), (4, 2, 1, 64, True)):
+        x, w, b, rope, kc, vc, slots = _qkv_case(gen, rows, hq, hkv, d, bias)
+        pair = torch.arange((hq + 2 * hkv) * d // 2)
+        lo = pair // (d // 2) * d + pair % (d // 2)  # the kernel's row pairs (lo, lo + d/2)
+        plain = gemv(x, w, b) if rows == 1 or d == 64 else _plain_at(x, w, b, lo, lo + d // 2)
+        q, k, v = plain.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = q.view(rows, hq, d), k.view(rows, hkv, d), v.view(rows, hkv, d)
+        kc_want, vc_want = kc.clone(), vc.clone()
+        q_want = rope_store(q, k, v, rope, kc_want, vc_want, slots)
+        q_got = qkv_rope_store(x, w, b, rope, kc, vc, slots, hq, hkv)
+        same = torch.equal(q_got, q_want) and torch.equal(kc, kc_want) and torch.equal(vc, vc_want)
+        q_rot, k_rot = apply_rotary(q, k, *rope.gathered)  # the torch path, to a few fp32 roundings
+        keep = slots >= 0
+        close = torch.allclose(q_got, q_rot, atol=1e-5) and torch.allclose(
+            kc.flatten(0, 1)[slots[keep]], k_rot[keep], atol=1e-5)
+        oks.append(_report(f"qkv gemv + rope + store rows={rows} heads={hq}/{hkv}x{d} bias={bias}: "
+                           "bits of rope_store(gemv)", same and close))
+    return oks
+
+
+def _llama_layers(gen) -> list[bool]:
+    """LlamaMLP and LlamaAttention with kernels on: <= 8 rows take the fused GEMVs and give the bits of
+    the unfused launches, and the caches hold the same K/V (shapes where the interpreter's positions
+    agree: intermediate 64, head_dim 64)."""
+    from llm_service.layers import triton_gemv
+    from llm_service.layers.attention import AttentionMetadata
+    from llm_service.layers.rotary import RotaryEmbedding
+    from llm_service.models.llama import LlamaArgs, LlamaAttention, LlamaMLP
 
     a = LlamaArgs(vocab_size=8, hidden_size=48, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                   head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=64, rope={"rope_theta": 10000.0},
-                  mlp_bias=True)
-    mlp = LlamaMLP(a)
-    for p in mlp.parameters():
+                  attention_bias=True, mlp_bias=True)
+    calls = []  # which GEMVs the layers launch
+    gemv, qkv_rope_store = triton_gemv.gemv, triton_gemv.qkv_rope_store
+    triton_gemv.gemv = lambda *a, **kw: calls.append("gated" if kw.get("gated") else "plain") or gemv(*a, **kw)
+    triton_gemv.qkv_rope_store = lambda *a: calls.append("qkv") or qkv_rope_store(*a)
+    mlp, attn = LlamaMLP(a), LlamaAttention(a)
+    for p in (*mlp.parameters(), *attn.parameters()):
         p.data = torch.randn(p.shape, generator=gen) * 0.2
-    assert all(m.use_kernels() for m in mlp.modules() if hasattr(m, "use_kernels"))
+    for m in (*mlp.modules(), *attn.modules()):
+        if hasattr(m, "use_kernels"):
+            assert m.use_kernels()
+    rotary = RotaryEmbedding(a.head_dim, 64, a.rope)
     oks = []
     for rows in (1, 3):
         x = torch.randn(rows, a.hidden_size, generator=gen)
-        same = torch.equal(mlp(x), mlp.down_proj(mlp.act(mlp.gate_up_proj(x))))
+        calls.clear()
+        fused = mlp(x)
+        same = calls == ["gated", "plain"] and torch.equal(fused, mlp.down_proj(mlp.act(mlp.gate_up_proj(x))))
         oks.append(_report(f"LlamaMLP, {rows} rows: the gated GEMV, bits of the unfused path", same))
+
+        lens = [5, 9, 2][:rows]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([4, -1, 9][:rows]), seq_lens=torch.tensor(lens, dtype=torch.int32),
+            block_tables=torch.tensor([[1, 0, 0], [2, 3, 0], [0, 0, 0]][:rows], dtype=torch.int32),
+            cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32), max_q_len=1)
+        rope = rotary(torch.tensor([n - 1 for n in lens]))
+        kc, vc = torch.randn(4, 4, 2, a.head_dim, generator=gen), torch.randn(4, 4, 2, a.head_dim, generator=gen)
+        attn.attn.k_cache, attn.attn.v_cache = kc.clone(), vc.clone()
+        calls.clear()
+        fused = attn(rope, x, meta)
+        taken = calls == ["qkv", "plain"]
+        k_fused, v_fused = attn.attn.k_cache, attn.attn.v_cache
+        attn.attn.k_cache, attn.attn.v_cache = kc, vc
+        q, k, v = attn.qkv_proj(x).split([4 * a.head_dim, 2 * a.head_dim, 2 * a.head_dim], dim=-1)
+        o = attn.attn(q.view(rows, 4, -1), k.view(rows, 2, -1), v.view(rows, 2, -1), rope, meta)
+        same = torch.equal(fused, attn.o_proj(o.flatten(1))) and torch.equal(k_fused, kc) and torch.equal(v_fused, vc)
+        same = same and taken
+        oks.append(_report(f"LlamaAttention, {rows} rows: the QKV + rope + store GEMV, bits of the unfused path",
+                           same))
     return oks
 
 
 def _main() -> int:
     gen = torch.Generator().manual_seed(0)
-    oks = _gated(gen) + _llama_mlp(gen)
+    oks = _gated(gen) + _qkv(gen) + _llama_layers(gen)
     if all(oks):
         print("all ok")
     return 0 if all(oks) else 1

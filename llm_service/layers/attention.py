@@ -99,11 +99,15 @@ class Attention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         if self.kernels is not None:
             q = self.kernels.rope_store(q, k, v, rope, self.k_cache, self.v_cache, meta.slot_mapping)
-            attend = self.kernels.paged_attention
         else:
             q, k = apply_rotary(q, k, *rope.gathered)
             store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-            attend = paged_attention
+        return self.attend(q, meta)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of q, already rotated, over the cache that already holds this step's K/V
+        (forward's second half; the QKV GEMV's epilogue may have done the first)."""
+        attend = self.kernels.paged_attention if self.kernels is not None else paged_attention
         return attend(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
             max_q_len=meta.max_q_len,

@@ -12,17 +12,20 @@ stay exact to fp32 rounding). Under programmatic dependent launch (pdl.py) each 
 loads its first K slice of W before waiting for the previous kernel, so the weight stream
 starts while that kernel finishes.
 
-Fused epilogue (one launch fewer per decoder layer at decode): `gemv(..., gated=True)` is the
-MLP's gate_up projection followed by SiLU(gate) * up; a program sums gate row j and up row j
-in one K walk. Each row is summed exactly as the plain GEMV sums it (same tiles, K slices and
-per-slice sum or tl.dot) and rounded to the output dtype before the epilogue rounds as the
-unfused kernel does, so the result has the bits of the two launches.
+Fused epilogues (two launches fewer per decoder layer at decode): `gemv(..., gated=True)` is
+the MLP's gate_up projection followed by SiLU(gate) * up, a program summing gate row j and up
+row j in one K walk; `qkv_rope_store` is the QKV projection followed by rope_store (rotary on
+q and k, k and v written to the paged cache), a program owning row pairs (d, d + D/2) of heads,
+the two halves rotate-half RoPE mixes. Each row is summed exactly as the plain GEMV sums it
+(same tiles, K slices and per-slice sum or tl.dot) and rounded to the output dtype before the
+epilogue rounds as the unfused kernel does, so the results have the bits of the two launches.
 """
 from __future__ import annotations
 
 import torch
 
 from llm_service.layers import pdl
+from llm_service.layers.rotary import Rope
 
 try:
     import triton
@@ -35,6 +38,7 @@ MAX_ROWS = 8  # beyond this a step is a GEMM: cuBLAS
 
 
 if AVAILABLE:
+    from llm_service.layers.triton_attention import _cache_strides, _rotate
     from llm_service.layers.triton_fused import silu_mul
 
     @triton.jit
@@ -52,16 +56,18 @@ if AVAILABLE:
         return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
 
     @triton.jit
-    def _walk(
-        x_ptr, w_ptrs, u_ptrs, n_ok, M, K, stride_xm,
-        TWO: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    def _project(
+        x_ptr, w_ptr, b_ptr, rows, rows2, n_ok, M, K, stride_xm, stride_wn,
+        HAS_BIAS: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """fp32 x W^T [BLOCK_M, BLOCK_N] over all of K for the rows of W at `w_ptrs` (pointers to
-        their first K slice); with TWO also for the rows at `u_ptrs`, summed exactly as those are,
-        so a fused epilogue starts from the plain GEMV's sums of both. The first K slice of W
-        streams in before the PDL wait: weights are never written by a kernel."""
+        """fp32 x W^T (+ b) [BLOCK_M, BLOCK_N] for W's rows `rows` (BLOCK_N of them, `n_ok` the real
+        ones); with TWO also for the rows `rows2`, summed exactly as those are, so a fused epilogue
+        starts from the plain GEMV's sums of both. The first K slice of W streams in before the PDL
+        wait: weights are never written by a kernel."""
         rk = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        u_ptrs = w_ptr + rows2[:, None].to(tl.int64) * stride_wn + rk[None, :]
         w_ok = n_ok[:, None] & (rk < K)[None, :]
         w = tl.load(w_ptrs, mask=w_ok, other=0.0)
         u = w
@@ -104,11 +110,11 @@ if AVAILABLE:
                 acc = _dot(x, w, acc, IEEE)
                 if TWO:
                     up = _dot(x, u, up, IEEE)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rows, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if TWO:
+                up += tl.load(b_ptr + rows2, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         return acc, up
-
-    @triton.jit
-    def _bias(acc, b_ptr, rows, ok):
-        return acc + tl.load(b_ptr + rows, mask=ok, other=0.0).to(tl.float32)[None, :]
 
     @triton.jit
     def _gemv_kernel(
@@ -122,20 +128,66 @@ if AVAILABLE:
             tl.extra.cuda.gdc_launch_dependents()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
-        rk = tl.arange(0, BLOCK_K)[None, :]
-        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk
-        acc, up = _walk(x_ptr, w_ptrs, w_ptr + (rn + N)[:, None].to(tl.int64) * stride_wn + rk, n_ok,
-                        M, K, stride_xm, GATED, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
-        if HAS_BIAS:
-            acc = _bias(acc, b_ptr, rn, n_ok)
-            if GATED:
-                up = _bias(up, b_ptr, rn + N, n_ok)
+        acc, up = _project(x_ptr, w_ptr, b_ptr, rn, rn + N, n_ok, M, K, stride_xm, stride_wn,
+                           HAS_BIAS, GATED, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
         DT = y_ptr.dtype.element_ty
         if GATED:
             acc = silu_mul(acc.to(DT).to(tl.float32), up.to(DT).to(tl.float32), DT)
         rm_out = tl.arange(0, BLOCK_M)
         y_ptrs = y_ptr + rm_out[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(DT), mask=(rm_out[:, None] < M) & n_ok[None, :])
+
+    @triton.jit
+    def _qkv_rope_kernel(
+        x_ptr, w_ptr, b_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr, M, K,
+        stride_xm, stride_wn, stride_qm, stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+        stride_rope,
+        HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        IEEE: tl.constexpr, PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """x W^T (+ b) for W = [q heads; k heads; v heads] with _rope_store_kernel as its epilogue:
+        q rotated into q_out, k rotated and v stored at slot_mapping[m] unless that is -1. A program
+        owns BLOCK_N row pairs (d, d + HALF) of the heads, the halves that rotate-half RoPE mixes;
+        each row is summed as the plain GEMV sums it and rounded to its output dtype, then rotated
+        with _rotate's roundings."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        p = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        p_ok = p < (HQ + 2 * HKV) * HALF
+        head, d = p // HALF, p % HALF
+        lo_row = head * 2 * HALF + d  # W's row for column d of the head; d + HALF is lo_row + HALF
+        lo, hi = _project(x_ptr, w_ptr, b_ptr, lo_row, lo_row + HALF, p_ok, M, K, stride_xm, stride_wn,
+                          HAS_BIAS, True, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
+        OUT = q_ptr.dtype.element_ty  # the GEMV's output dtype (x's), which rope_store would read
+        DT = kc_ptr.dtype.element_ty
+        lo, hi = lo.to(OUT), hi.to(OUT)
+        rm = tl.arange(0, BLOCK_M)[:, None]
+        ok = (rm < M) & p_ok[None, :]
+        d = d[None, :]
+        rope = tl.load(pos_ptr + rm, mask=rm < M, other=0).to(tl.int64) * stride_rope + d
+        c1 = tl.load(cos_ptr + rope, mask=ok, other=0.0).to(DT).to(tl.float32)
+        c2 = tl.load(cos_ptr + rope + HALF, mask=ok, other=0.0).to(DT).to(tl.float32)
+        s1 = tl.load(sin_ptr + rope, mask=ok, other=0.0).to(DT).to(tl.float32)
+        s2 = tl.load(sin_ptr + rope + HALF, mask=ok, other=0.0).to(DT).to(tl.float32)
+        r1, r2 = _rotate(lo, hi, c1, s1, c2, s2, DT)
+        head = head[None, :]
+        q_dst = q_ptr + rm * stride_qm + lo_row[None, :]  # q rows come first: row = h * D + d
+        q_ok = ok & (head < HQ)
+        tl.store(q_dst, r1, mask=q_ok)
+        tl.store(q_dst + HALF, r2, mask=q_ok)
+        slot = tl.load(slot_ptr + rm, mask=rm < M, other=-1).to(tl.int64)
+        page, off = slot // PAGE, slot % PAGE
+        ok = ok & (slot >= 0)
+        hk = head - HQ
+        k_dst = kc_ptr + page * stride_kcb + off * stride_kcs + hk * stride_kch + d
+        k_ok = ok & (hk >= 0) & (hk < HKV)
+        tl.store(k_dst, r1.to(DT), mask=k_ok)
+        tl.store(k_dst + HALF, r2.to(DT), mask=k_ok)
+        hv = hk - HKV
+        v_dst = vc_ptr + page * stride_vcb + off * stride_vcs + hv * stride_vch + d
+        v_ok = ok & (hv >= 0)
+        tl.store(v_dst, lo.to(DT), mask=v_ok)
+        tl.store(v_dst + HALF, hi.to(DT), mask=v_ok)
 
 
 def one_row_tiles(K: int) -> tuple[int, int, int, int]:
@@ -150,11 +202,12 @@ def one_row_tiles(K: int) -> tuple[int, int, int, int]:
     return 4, 4096, 8, 1
 
 
-def _tiles(x: torch.Tensor, K: int, block_n: int | None, block_k: int | None, num_warps: int | None,
-           num_stages: int | None) -> tuple[int, int, int, dict]:
+def _tiles(x: torch.Tensor, two: bool = False, block_n: int | None = None, block_k: int | None = None,
+           num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, dict]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, launch options) for x [M, K]; the knobs, where given, override.
-    Every variant of the GEMV takes its tiles from here, so a row is summed alike in all of them."""
-    M = x.shape[0]
+    Every variant of the GEMV takes its tiles from here, so a row is summed alike in all of them.
+    two: a program streams two W tiles (the fused variants)."""
+    M, K = x.shape
     if M > MAX_ROWS:
         raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {M}")
     if M == 1:
@@ -167,8 +220,16 @@ def _tiles(x: torch.Tensor, K: int, block_n: int | None, block_k: int | None, nu
     if x.element_size() > 2 and block_m > 1:  # fp32 tiles of 1024 would overflow shared memory
         block_k = min(block_k, 128)
     block_k = min(block_k, triton.next_power_of_2(K))
-    return block_m, block_n, block_k, dict(num_warps=num_warps, num_stages=num_stages,
-                                           IEEE=x.dtype == torch.float32, **pdl.launch(x.device))
+    if two and block_m > 1:  # one pipeline stage fewer fits shared memory (2 x 32x1024 bf16: 160 KB)
+        num_stages = min(num_stages, 2)
+    # fp32 (the exact test models) launches without contracted multiply-adds: the RoPE epilogue
+    # then rounds every product as rope_store does (it launches without them), and the plain GEMV
+    # sums as the fused ones. 16-bit types keep them: a product of two 16-bit floats is exact in
+    # fp32, and the epilogue rounds each product to the 16-bit type before adding (the one
+    # contraction left, -(x2 * s1) as fma(-x2, s1, 0), is exact), so no bit changes.
+    return block_m, block_n, block_k, dict(
+        num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=x.dtype != torch.float32,
+        IEEE=x.dtype == torch.float32, **pdl.launch(x.device))
 
 
 def _rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -187,12 +248,35 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     M, K = x.shape
     x = _rows(x, weight)
     N = weight.shape[0] // 2 if gated else weight.shape[0]
-    block_m, block_n, block_k, launch = _tiles(x, K, block_n, block_k, num_warps, num_stages)
-    if gated and block_m > 1:  # two W tiles a program: one fewer pipeline stage fits shared memory
-        launch["num_stages"] = min(launch["num_stages"], 2)
+    block_m, block_n, block_k, launch = _tiles(x, gated, block_n, block_k, num_warps, num_stages)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
     )
     return y
+
+
+def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rope: Rope,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """triton_attention.rope_store of (q, k, v) = gemv(x, weight, bias) split into heads, in one
+    launch and with its bits: returns q [M, Hq, D] rotated, stores k (rotated) and v at
+    slot_mapping (-1 skips). weight: [q heads; k heads; v heads] rows, as QKVParallelLinear's;
+    rope: rotate-half over the whole head_dim (rotary.py's tables), what rope_store applies."""
+    M, K = x.shape
+    x = _rows(x, weight)
+    D = k_cache.shape[-1]
+    if D % 2 or weight.shape[0] != (num_heads + 2 * num_kv_heads) * D or rope.cos.shape[-1] != D:
+        raise ValueError("qkv_rope_store: weight rows, cache and rope tables disagree on the heads")
+    block_m, block_n, block_k, launch = _tiles(x, two=True)
+    q = torch.empty((M, num_heads, D), dtype=x.dtype, device=x.device)
+    pairs = (num_heads + 2 * num_kv_heads) * D // 2
+    _qkv_rope_kernel[(triton.cdiv(pairs, block_n),)](
+        x, weight, bias if bias is not None else weight, q, k_cache, v_cache, slot_mapping, rope.positions,
+        rope.cos, rope.sin, M, K, x.stride(0), weight.stride(0), q.stride(0), *_cache_strides(k_cache, v_cache),
+        rope.cos.stride(0),
+        HQ=num_heads, HKV=num_kv_heads, HALF=D // 2, PAGE=k_cache.shape[1], HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+    )
+    return q

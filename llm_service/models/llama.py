@@ -60,6 +60,11 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, a.head_dim, a.head_dim**-0.5)
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
+        if self.attn.kernels is not None and self.qkv_proj.use_gemv and x.shape[0] <= triton_gemv.MAX_ROWS:
+            # decode: projection, rotary and the K/V cache write are one launch
+            q = triton_gemv.qkv_rope_store(x, self.qkv_proj.weight, self.qkv_proj.bias, rope, self.attn.k_cache,
+                                           self.attn.v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
+            return self.o_proj(self.attn.attend(q, meta).flatten(1), reduce)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)

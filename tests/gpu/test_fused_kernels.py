@@ -1,6 +1,7 @@
 """The fused Triton kernels of a decoder layer against the torch paths they replace
 (skipped without CUDA or triton): residual + RMSNorm, SiLU * up, rotary + KV store, GEMV; and
-the GEMV with SiLU * up as its epilogue against the two launches it replaces, bit for bit."""
+the GEMVs with SiLU * up and with rotary + KV store as their epilogues against the two launches
+each replaces, bit for bit."""
 from __future__ import annotations
 
 import pytest
@@ -17,7 +18,7 @@ from llm_service.layers.norm import RMSNorm  # noqa: E402
 from llm_service.layers.rotary import RotaryEmbedding, apply_rotary  # noqa: E402
 from llm_service.layers.triton_attention import rope_store  # noqa: E402
 from llm_service.layers.triton_fused import silu_and_mul  # noqa: E402
-from llm_service.layers.triton_gemv import MAX_ROWS, gemv  # noqa: E402
+from llm_service.layers.triton_gemv import MAX_ROWS, gemv, qkv_rope_store  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -118,6 +119,38 @@ def test_gated_gemv_has_the_bits_of_gemv_then_silu_and_mul(dtype, rows, inter, k
     got = gemv(x, w, b, gated=True)
     assert got.shape == (rows, inter) and got.dtype == dtype
     torch.testing.assert_close(got, silu_and_mul(gemv(x, w, b)), atol=0, rtol=0)
+
+
+# heads, kv heads, head_dim, hidden, qkv bias: Llama-7B (and a tp 2 rank of it), Qwen2-7B's GQA with
+# its qkv bias, odd sizes (a program's row pairs straddle heads at head_dim 80; K of no slice multiple)
+QKV_SHAPES = [(32, 32, 128, 4096, False), (16, 16, 128, 4096, False), (28, 4, 128, 3584, True),
+              (8, 2, 64, 300, True), (3, 1, 80, 1000, False)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", list(range(1, MAX_ROWS + 1)))
+@pytest.mark.parametrize("hq,hkv,d,k,bias", QKV_SHAPES)
+def test_qkv_rope_store_has_the_bits_of_gemv_then_rope_store(dtype, rows, hq, hkv, d, k, bias):
+    """Rotary + KV-cache store in the QKV GEMV's epilogue: q, the caches (slot -1 rows untouched) bit
+    for bit those of the GEMV and rope_store it replaces."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, k, dtype=dtype, device="cuda")
+    w = torch.randn((hq + 2 * hkv) * d, k, dtype=dtype, device="cuda") * k**-0.5
+    b = torch.randn(w.shape[0], dtype=dtype, device="cuda") if bias else None
+    rope = RotaryEmbedding(d, 4096, {"rope_theta": 10000.0}).cuda()(torch.randint(0, 4096, (rows,), device="cuda"))
+    page = 16
+    slots = torch.randperm(8 * page, device="cuda")[:rows]
+    if rows > 1:
+        slots[rows // 2] = -1  # a padding row: q still written, nothing stored
+    k_cache = torch.randn(8, page, hkv, d, dtype=dtype, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    q, k_, v = gemv(x, w, b).split([hq * d, hkv * d, hkv * d], dim=-1)
+    q_want = rope_store(q.view(rows, hq, d), k_.view(rows, hkv, d), v.view(rows, hkv, d), rope, k_want, v_want, slots)
+    q_got = qkv_rope_store(x, w, b, rope, k_cache, v_cache, slots, hq, hkv)
+    torch.testing.assert_close(q_got, q_want, atol=0, rtol=0)
+    torch.testing.assert_close(k_cache, k_want, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, v_want, atol=0, rtol=0)
 
 
 def _layer_chain(x, res, norm_w, w_up, w_down, steps, gated=False):
