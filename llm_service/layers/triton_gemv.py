@@ -222,11 +222,9 @@ def _tiles(x: torch.Tensor, two: bool = False, block_n: int | None = None, block
     block_k = min(block_k, triton.next_power_of_2(K))
     if two and block_m > 1:  # one pipeline stage fewer fits shared memory (2 x 32x1024 bf16: 160 KB)
         num_stages = min(num_stages, 2)
-    # fp32 (the exact test models) launches without contracted multiply-adds: the RoPE epilogue
-    # then rounds every product as rope_store does (it launches without them), and the plain GEMV
-    # sums as the fused ones. 16-bit types keep them: a product of two 16-bit floats is exact in
-    # fp32, and the epilogue rounds each product to the 16-bit type before adding (the one
-    # contraction left, -(x2 * s1) as fma(-x2, s1, 0), is exact), so no bit changes.
+    # fp32 (the exact test models) launches without contracted multiply-adds, so the plain GEMV
+    # sums as the RoPE-fused one, which never contracts (qkv_rope_store). 16-bit types keep them
+    # here: a product of two 16-bit floats is exact in fp32, so a contracted sum has the same bits.
     return block_m, block_n, block_k, dict(
         num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=x.dtype != torch.float32,
         IEEE=x.dtype == torch.float32, **pdl.launch(x.device))
@@ -270,6 +268,10 @@ def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if D % 2 or weight.shape[0] != (num_heads + 2 * num_kv_heads) * D or rope.cos.shape[-1] != D:
         raise ValueError("qkv_rope_store: weight rows, cache and rope tables disagree on the heads")
     block_m, block_n, block_k, launch = _tiles(x, two=True)
+    # rope_store's roundings need uncontracted products in every dtype: on sm_90 the compiler
+    # otherwise turns the epilogue's bf16 multiply + add into one bf16 FMA (measured on an H100:
+    # 1-ulp differences in a fifth of q). The GEMV's sums keep their bits (exact 16-bit products).
+    launch["enable_fp_fusion"] = False
     q = torch.empty((M, num_heads, D), dtype=x.dtype, device=x.device)
     pairs = (num_heads + 2 * num_kv_heads) * D // 2
     _qkv_rope_kernel[(triton.cdiv(pairs, block_n),)](
