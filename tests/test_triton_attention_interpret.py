@@ -1,7 +1,9 @@
 """The Triton attention kernels in Triton's CPU interpreter (fp32: its bf16/fp16 dots are unreliable)
 against the torch reference in attention.py: the prefill kernel, the split kernel for short
 prefills and decode at several split counts (folded merge and merge kernel, empty splits,
-seq_len-0 padding rows), the KV store, and the fold counters left at 0.
+seq_len-0 padding rows, first tiles of old keys and of this step's), the KV store, and the fold
+counters left at 0. The split kernel's early first tile (EARLY) must not change a bit: every split
+run is repeated with it flipped.
 
 The interpreter is chosen when triton is imported, so the checks run in a child process with
 TRITON_INTERPRET=1 (this file run as a script). Sequential programs cannot show memory-ordering
@@ -66,6 +68,23 @@ def _check(name, out, ref):
     return ok
 
 
+def _split_checks(name, run, args, ref, max_q, runs):
+    """The split kernel at each (splits, fold), against the reference and, with EARLY flipped from
+    its default (on with more than one split), bitwise against itself."""
+    from llm_service.layers import triton_attention as ta
+
+    oks = []
+    for splits, fold in runs:
+        out = run(ta._split_k, args, max_q, num_splits=splits, fold=fold, block_n=16)
+        flipped = run(ta._split_k, args, max_q, num_splits=splits, fold=fold, block_n=16, early=splits == 1)
+        oks.append(_check(f"{name} splits={splits} fold={fold}", out, ref))
+        same = torch.equal(out, flipped)
+        print(f"{'ok  ' if same else 'FAIL'} early={splits == 1} bitwise as its default  {name} splits={splits}",
+              flush=True)
+        oks.append(same)
+    return oks
+
+
 def _main() -> int:
     from llm_service.layers import triton_attention as ta
 
@@ -83,20 +102,19 @@ def _main() -> int:
     ref = _reference(*args, scale)
     oks.append(_check("prefill kernel", run(ta._prefill, args, 20), ref))
 
-    # short prefills: no prefix, prefixes, a decode row, no queries, PrefillGraphs' padding last
-    args = _case([(0, 9), (70, 16), (33, 1), (40, 0), (0, 12)], hq, hkv, d, page, gen)
+    # short prefills: no prefix, prefixes, a decode row, no queries, one old tile and then three
+    # holding new queries (24, 40), PrefillGraphs' padding last
+    args = _case([(0, 9), (70, 16), (33, 1), (40, 0), (24, 40), (0, 12)], hq, hkv, d, page, gen)
     args[5][-1] = 0
     ref = _reference(*args, scale)
-    for splits, fold in ((1, True), (3, True), (3, False), (8, True), (8, False)):
-        out = run(ta._split_k, args, 16, num_splits=splits, fold=fold, block_n=16)
-        oks.append(_check(f"short prefill splits={splits} fold={fold}", out, ref))
+    oks += _split_checks("short prefill", run, args, ref, 40, ((1, True), (3, True), (3, False), (8, True), (8, False)))
 
+    # decode: a padding row, first tiles of old keys only and first tiles holding the new key
+    # (length 5; the last split of lengths 17 and 130)
     args = _case([(0, 1), (16, 1), (129, 1), (4, 1)], hq, hkv, d, page, gen)
-    args[5][0] = 0  # decode padding row
+    args[5][0] = 0
     ref = _reference(*args, scale)
-    for splits, fold in ((1, True), (4, True), (4, False), (16, True)):
-        out = run(ta._split_k, args, 1, num_splits=splits, fold=fold, block_n=16)
-        oks.append(_check(f"decode splits={splits} fold={fold}", out, ref))
+    oks += _split_checks("decode", run, args, ref, 1, ((1, True), (4, True), (4, False), (16, True)))
     oks.append(_check("decode via paged_attention", ta.paged_attention(*args, scale), ref))
 
     counters_zero = all(not c.any() for c in ta._COUNTERS.values()) and bool(ta._COUNTERS)

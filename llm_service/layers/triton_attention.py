@@ -47,13 +47,25 @@ if AVAILABLE:
     _M_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a masked row never computes inf - inf
 
     @triton.jit
-    def _pdl_start(PDL: tl.constexpr):
-        """Let the next kernel launch now, then wait until the previous one has finished and its
-        writes are visible. Every program calls this before it reads anything or returns, so a
-        kernel never completes before its predecessor (which keeps PDL's ordering transitive)."""
+    def _pdl_launch(PDL: tl.constexpr):
+        """Let the next kernel launch now: every program calls this first."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def _pdl_wait(PDL: tl.constexpr):
+        """Wait until the previous kernel has finished and its writes are visible. Every program
+        calls this before it reads anything an earlier kernel may write (`_split_kernel` reads
+        some inputs before: see there) and before it returns, so a kernel never completes before
+        its predecessor (which keeps PDL's ordering transitive)."""
+        if PDL:
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _pdl_start(PDL: tl.constexpr):
+        """`_pdl_launch`, then `_pdl_wait`: for kernels that read nothing before the wait."""
+        _pdl_launch(PDL)
+        _pdl_wait(PDL)
 
     @triton.jit
     def _rotate(x1, x2, c1, s1, c2, s2, DT: tl.constexpr):
@@ -119,27 +131,45 @@ if AVAILABLE:
         return c
 
     @triton.jit
-    def _attend_tile(q, pos, m_i, l_i, acc, n0, n_end, k_base, v_base, bt_row, offs_d, d_mask, qk_scale,
-                     stride_kb, stride_ks, stride_vb, stride_vs,
-                     PAGE: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
-        """One online-softmax step: the paged keys n0..n0+BLOCK_N (those < n_end) of one kv head,
-        row i of q seeing key n when n <= pos[i]. Returns the updated (max, sum, acc)."""
+    def _tile_pages(bt_row, n0, n_end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Keys n0..n0+BLOCK_N (those < n_end) of one sequence: (offs_n, n_mask, page, offset in
+        the page), the pages read from its block-table row."""
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < n_end
         page = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        off = offs_n % PAGE
+        return offs_n, n_mask, page, offs_n % PAGE
+
+    @triton.jit
+    def _load_kv(k_base, v_base, page, off, n_mask, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs):
+        """The K and V tiles of those keys (0 where masked), both loads issued before either is
+        used: V's does not wait behind the QK product where the loads are not pipelined."""
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + page[:, None] * stride_kb + off[:, None] * stride_ks + offs_d[None, :],
                     mask=kv_mask, other=0.0)
+        v = tl.load(v_base + page[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
+    def _softmax_step(q, pos, m_i, l_i, acc, k, v, offs_n, n_mask, qk_scale, IEEE: tl.constexpr):
+        """One online-softmax step over a loaded tile, row i of q seeing key n when n <= pos[i].
+        Returns the updated (max, sum, acc)."""
         s = _dot(q, tl.trans(k), IEEE)
         s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        v = tl.load(v_base + page[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+    @triton.jit
+    def _attend_tile(q, pos, m_i, l_i, acc, n0, n_end, k_base, v_base, bt_row, offs_d, d_mask, qk_scale,
+                     stride_kb, stride_ks, stride_vb, stride_vs,
+                     PAGE: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Load and attend the paged keys n0..n0+BLOCK_N (those < n_end) of one kv head."""
+        offs_n, n_mask, page, off = _tile_pages(bt_row, n0, n_end, PAGE, BLOCK_N)
+        k, v = _load_kv(k_base, v_base, page, off, n_mask, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs)
+        return _softmax_step(q, pos, m_i, l_i, acc, k, v, offs_n, n_mask, qk_scale, IEEE)
 
     @triton.jit
     def _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh):
@@ -237,7 +267,7 @@ if AVAILABLE:
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         GROUP: tl.constexpr, CHUNKS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
-        SPLIT: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr,
+        SPLIT: tl.constexpr, FOLD: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program: BLOCK_H query heads of one kv head x the (up to BLOCK_Q) queries of one
@@ -254,25 +284,54 @@ if AVAILABLE:
         visible), resets the counter to 0 for the next launch or graph replay, and merges. No
         program ever waits on another, so any launch order or residency is safe. Without FOLD,
         `_merge_kernel` merges.
+
+        Under PDL a program reads before its wait only what no kernel that may still be running
+        writes: cu_seqlens, seq_lens and the block table (filled before the forward by copies and
+        torch ops, which launch without PDL and so finish before any later kernel starts) and,
+        with EARLY, its first tile's block-table entries and, if the tile holds only keys older
+        than this step (positions < seq_len - q_len), its K and V. Those were stored by earlier
+        forwards: in this one, the kernel before attention (rope_store, or the QKV GEMV with its
+        rope epilogue) writes q and this step's K/V at slot_mapping only, and the kernels further
+        back that PDL lets overlap write activations and other layers' caches. q, a first tile
+        holding any of this step's keys (in decode the last active split's), the later tiles, the
+        partials and the counters (reset by earlier attention launches) are read after the wait;
+        every program waits before returning, also those with nothing to do. So
+        a split of old keys has its first K and V tile on chip when the wait returns instead of
+        starting three dependent reads then (seq_len -> block table -> K/V). At one split (many
+        waves of programs, few of which meet a running predecessor) EARLY's registers (96 -> 105
+        a thread at the default tile, sm_90) would cost a CTA per SM, so the launcher sets it with
+        more than one split only. The first tile's step is the loop's first step moved before
+        it, so the result is bitwise the same either way.
         """
         b = tl.program_id(0)
         pid = tl.program_id(1)
         split = tl.program_id(2)
-        _pdl_start(PDL)
+        _pdl_launch(PDL)
         q_row = tl.load(cu_ptr + b)
         q_len = tl.load(cu_ptr + b + 1) - q_row
-        if q_len == 0:
-            return
         seq_len = tl.load(lens_ptr + b)
         split_len, active = _split_range(seq_len, num_splits, BLOCK_N)
-        if split >= active:
-            return
         start = split * split_len
         end = tl.minimum(start + split_len, seq_len)
-
         kvh, heads, toks, j, row_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
+        k_base = kc_ptr + kvh * stride_kh
+        v_base = vc_ptr + kvh * stride_vh
+        bt_row = bt_ptr + b * stride_bt
+        if EARLY:  # read before the wait: see above
+            offs_n, n_mask, page, off = _tile_pages(bt_row, start, end, PAGE, BLOCK_N)
+            cached = (q_len > 0) & (split < active) & (tl.minimum(start + BLOCK_N, end) <= seq_len - q_len)
+            k = tl.zeros([BLOCK_N, BLOCK_D], kc_ptr.dtype.element_ty)
+            v = tl.zeros([BLOCK_N, BLOCK_D], vc_ptr.dtype.element_ty)
+            if cached:  # loaded in an `if`: Triton then copies K to shared memory after V's load, not before
+                k, v = _load_kv(k_base, v_base, page, off, n_mask, offs_d, d_mask,
+                                stride_kb, stride_ks, stride_vb, stride_vs)
+        _pdl_wait(PDL)
+        if q_len == 0:
+            return
+        if split >= active:
+            return
         mask = row_ok[:, None] & d_mask[None, :]
         q = tl.load(q_ptr + toks[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask, other=0.0)
@@ -281,11 +340,15 @@ if AVAILABLE:
         m_i = tl.full([BLOCK_H * BLOCK_Q], _M_INIT, tl.float32)
         l_i = tl.zeros([BLOCK_H * BLOCK_Q], tl.float32)
         acc = tl.zeros([BLOCK_H * BLOCK_Q, BLOCK_D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
+        first = start
+        if EARLY:
+            if cached:
+                m_i, l_i, acc = _softmax_step(q, pos, m_i, l_i, acc, k, v, offs_n, n_mask, qk_scale, IEEE)
+                first += BLOCK_N
+        for n0 in range(first, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                q, pos, m_i, l_i, acc, n0, end, kc_ptr + kvh * stride_kh, vc_ptr + kvh * stride_vh,
-                bt_ptr + b * stride_bt, offs_d, d_mask, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                PAGE, IEEE, BLOCK_N)
+                q, pos, m_i, l_i, acc, n0, end, k_base, v_base, bt_row, offs_d, d_mask, qk_scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, PAGE, IEEE, BLOCK_N)
 
         if SPLIT:
             if active > 1:
@@ -504,9 +567,11 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
              num_splits: int | None = None, fold: bool | None = None, use_pdl: bool | None = None,
-             block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
+             early: bool | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
     """Split-K attention for decode (max_q_len 1) and short prefills; the keyword knobs exist
-    for bench/kernels_check.py's sweeps (fold/use_pdl None: FOLD and pdl's defaults)."""
+    for bench/kernels_check.py's sweeps (fold/use_pdl None: FOLD and pdl's defaults; early None:
+    the kernel's EARLY with more than one split, when one wave of programs runs it and latency
+    rules, not at one split, where many waves do and its registers would cost occupancy)."""
     B = seq_lens.shape[0]
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -517,6 +582,7 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
         num_splits = _num_splits(B, Hkv * chunks, block_tables.shape[1] * page, block_n, _sm_count(q.device))
     fold = FOLD if fold is None else fold
     split = num_splits > 1
+    early = split if early is None else early
     if split:
         mpart = torch.empty((T, Hq, num_splits), dtype=torch.float32, device=q.device)
         lpart = torch.empty_like(mpart)
@@ -532,7 +598,7 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache, v_cache), block_tables.stride(0),
         GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
-        SPLIT=split, FOLD=fold, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+        SPLIT=split, FOLD=fold, EARLY=early, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
     if split and not fold:

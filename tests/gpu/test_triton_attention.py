@@ -9,7 +9,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from llm_service.layers import triton_attention as ta  # noqa: E402
-from llm_service.layers.triton_attention import paged_attention, store_kvcache  # noqa: E402
+from llm_service.layers.rotary import Rope  # noqa: E402
+from llm_service.layers.triton_attention import paged_attention, rope_store, store_kvcache  # noqa: E402
 
 PAGE = 16
 
@@ -114,10 +115,11 @@ def test_short_prefill_split_kernel(hq, hkv, d, dtype, tol, fold):
     lens[-1] = 0
     ref = _reference(q, kc, vc, bt, cu, lens, d ** -0.5)
     for splits in (None, 1, 4, 16, 64):
-        out = torch.full_like(q, float("nan"))
-        ta._split_k(q, kc, vc, bt, cu, lens, d ** -0.5, out, 64, num_splits=splits, fold=fold)
-        assert _rel(out, ref) < tol, splits
-        assert (out[int(cu[-2]):] == 0).all()
+        for early in (None, True, False):  # None: the early first tile with more than one split
+            out = torch.full_like(q, float("nan"))
+            ta._split_k(q, kc, vc, bt, cu, lens, d ** -0.5, out, 64, num_splits=splits, fold=fold, early=early)
+            assert _rel(out, ref) < tol, (splits, early)
+            assert (out[int(cu[-2]):] == 0).all()
     assert ta._use_split(q, kc, bt, 64)  # six sequences over a 95-block table: split, not prefill
     out = paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=64)
     assert _rel(out, ref) < tol
@@ -150,3 +152,42 @@ def test_short_prefill_in_cuda_graph(hq, hkv, d, dtype, tol, fold, monkeypatch):
         _replay_and_check(graph, out, lambda: _reference(q, kc, vc, bt, cu, lens, d ** -0.5), tol)
         assert (out[n:] == 0).all()
 
+
+
+@pytest.mark.parametrize("seqs,max_q", [([(L - 1, 1) for L in (1, 17, 64, 65, 130, 700)], 1),
+                                        ([(780, 16), (40, 24), (0, 9), (100, 32)], 32)])
+def test_split_kernel_after_rope_store_in_cuda_graph(seqs, max_q):
+    """The model's order in one graph: rope_store writes q and this step's K/V, then attention.
+    Each replay stores new K/V at the same slots, so a split program that read q or a tile
+    holding this step's keys before its PDL wait would see the previous replay's values (with
+    more than one split the kernel reads first tiles of older keys before the wait: EARLY)."""
+    hq = hkv = 32
+    d, dtype, scale = 128, torch.bfloat16, 128 ** -0.5
+    q_in, kc, vc, bt, cu, lens = _batch(seqs, hq, hkv, d, dtype)
+    positions = torch.tensor([p for c, n in seqs for p in range(c, c + n)], device="cuda")
+    b_of = torch.repeat_interleave(torch.arange(len(seqs), device="cuda"), cu.diff().long())
+    slots = bt[b_of, positions // PAGE].long() * PAGE + positions % PAGE
+    k_in = torch.randn(positions.shape[0], hkv, d, dtype=dtype, device="cuda")
+    v_in = torch.randn_like(k_in)
+    table = (int(positions.max()) + 1, d)
+    identity = Rope(torch.ones(table, device="cuda"), torch.zeros(table, device="cuda"), positions)  # no rotation
+    assert ta._num_splits(len(seqs), hkv, bt.shape[1] * PAGE, 64, ta._sm_count(q_in.device)) > 1  # EARLY on
+
+    def step():
+        q = rope_store(q_in, k_in, v_in, identity, kc, vc, slots)
+        return q, paged_attention(q, kc, vc, bt, cu, lens, scale, max_q_len=max_q)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q, out = step()
+    for _ in range(10):
+        for x in (q_in, k_in, v_in):
+            x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _reference(q, kc, vc, bt, cu, lens, scale)
+        assert torch.equal(kc.flatten(0, 1)[slots], k_in)
+        for b in range(len(seqs)):
+            rows = slice(int(cu[b]), int(cu[b + 1]))
+            assert _rel(out[rows], ref[rows]) < 1e-2, seqs[b]
