@@ -2,6 +2,7 @@
 
 GPU:  PYTHONUNBUFFERED=1 python bench/kernels_check.py            (checks + timings, $OUT/kernels.json)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --w13      (checks, then only the W1/W3 timings)
+      PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2   (only the W2 decode knob sweep)
 CPU:  TRITON_INTERPRET=1 python bench/kernels_check.py --quick    (small checks in Triton's interpreter)
 
 Timings are per attention call of one layer, replayed from a CUDA graph that walks through enough
@@ -439,8 +440,9 @@ def time_w13(res: dict) -> None:
     width 64 (4096 positions) as the engine's graphs use: W1 decode at bs=1 over 700 keys; W3's
     16- and 32-token prefills after a 780-token cached prefix. µs per call, the old path first:
     the decode kernel + merge kernel without PDL (what was there before), the prefill kernel
-    without PDL. Calls run back to back in one graph, so PDL overlaps attention with attention;
-    in the model it overlaps with rope_store and the GEMVs around it."""
+    without PDL; `early=False` is the split kernel without its early first tile. Calls run back
+    to back in one graph, so PDL overlaps attention with attention; in the model it overlaps with
+    rope_store and the GEMVs around it."""
     res["w13"] = []
     sm = ta._sm_count(torch.device("cuda"))
 
@@ -456,7 +458,8 @@ def time_w13(res: dict) -> None:
     name = f"W1 decode bs=1 ctx=700 (auto {auto} splits)"
     ref = decode_out(s, fold=False, use_pdl=False).float()
     for kn in (dict(fold=False, use_pdl=False), dict(fold=False, use_pdl=True), dict(fold=True, use_pdl=False),
-               dict(fold=True, use_pdl=True)) + tuple(dict(fold=True, use_pdl=True, num_splits=n) for n in (4, 8, 32)):
+               dict(fold=True, use_pdl=True), dict(fold=True, use_pdl=True, early=False)) + tuple(
+                   dict(fold=True, use_pdl=True, num_splits=n) for n in (4, 8, 32)):
         attempt(f"{name} {kn}", lambda: row(name, s, ref, ta._split_k, 1, **kn))
     del s
     for n in (16, 32):
@@ -468,8 +471,8 @@ def time_w13(res: dict) -> None:
         for on in (False, True):
             attempt(f"{name} prefill kernel pdl={on}", lambda: row(name, s, ref, ta._prefill, n, use_pdl=on))
         for kn in (dict(fold=False, use_pdl=False), dict(fold=False, use_pdl=True), dict(fold=True, use_pdl=False),
-                   dict(fold=True, use_pdl=True)) + tuple(dict(fold=True, use_pdl=True, num_splits=k)
-                                                          for k in (2, 4, 8, 16, 32)):
+                   dict(fold=True, use_pdl=True), dict(fold=True, use_pdl=True, early=False)) + tuple(
+                       dict(fold=True, use_pdl=True, num_splits=k) for k in (2, 4, 8, 16, 32)):
             attempt(f"{name} {kn}", lambda: row(name, s, ref, ta._split_k, n, **kn))
         del s
     torch.cuda.empty_cache()
@@ -505,6 +508,50 @@ def sweep_decode(res: dict, gbs) -> None:
             attempt(f"sweep bs={bs} ctx={ctx} {kn}", lambda: one(kn))
         del s, ref
         torch.cuda.empty_cache()
+
+
+def sweep_w2(res: dict) -> None:
+    """W2's decode (~200 sequences of ~700 positions, Llama-7B heads 32/32, D=128, bf16, page 16)
+    at 64, 128 and 256 sequences of 700 positions: see `_sweep_w2_batch`."""
+    res["w2"] = []
+    for bs in (64, 128, 256):
+        res["w2"] += _sweep_w2_batch(bs)
+        torch.cuda.empty_cache()
+
+
+def _sweep_w2_batch(bs: int) -> list[dict]:
+    """Every split-kernel tile (block_n x warps x stages) at 1, 2 and 4 splits: µs per call and GB/s
+    of K+V read, the three best and the default printed; then those four again with the early
+    first tile flipped (`early`, on by default with more than one split). Each variant's output
+    is checked against the default's."""
+    s = decode_setup(bs, 700, 16)
+    ref = decode_out(s).float()
+    auto = ta._num_splits(bs, 32, s["tables"][0].shape[1] * 16, 64, ta._sm_count(torch.device("cuda")))
+    rows = []
+
+    def one(kn):
+        rel = ((decode_out(s, **kn).float() - ref).norm() / ref.norm()).item()
+        us = time_decode(s, **kn)
+        rows.append(dict(bs=bs, ctx=700, knobs=kn, us=us, GBps=s["bytes"] / us / 1e3, rel=rel))
+        return rows[-1]
+
+    def show(r):
+        print(f"  {r['us']:8.1f} [{r['GBps']:5.0f}] rel={r['rel']:.1e}  {r['knobs'] or 'default'}", flush=True)
+
+    default = one(dict())
+    tiles = [dict(block_n=n, num_warps=w, num_stages=st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)]
+    for kn in (dict(t, num_splits=n) for t in tiles for n in (1, 2, 4)):
+        attempt(f"w2 bs={bs} {kn}", lambda: one(kn))
+    best = sorted(rows[1:], key=lambda r: r["us"])[:3]
+    print(f"\nW2 decode bs={bs} ctx=700 page 16 (default: num_splits {auto}), µs per call [GB/s of K+V], best first:",
+          flush=True)
+    for r in best + [default]:
+        show(r)
+    print("  the same with the early first tile flipped:", flush=True)
+    for r in best + [default]:
+        kn = dict(r["knobs"], early=r["knobs"].get("num_splits", auto) == 1)
+        attempt(f"w2 bs={bs} {kn}", lambda: show(one(kn)))
+    return rows
 
 
 def time_other(res: dict, gbs) -> None:
@@ -562,6 +609,7 @@ def main() -> None:
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--w13", action="store_true", help="time only the W1/W3 shapes (old path vs new)")
+    ap.add_argument("--w2", action="store_true", help="time only the W2 decode knob sweep")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
@@ -573,6 +621,8 @@ def main() -> None:
         try:
             if args.w13:
                 time_w13(res)
+            elif args.w2:
+                sweep_w2(res)
             else:
                 run_timings(res)
                 print_table(res)
