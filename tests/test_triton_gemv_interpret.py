@@ -3,8 +3,8 @@ launches they replace: the gated GEMV against silu_and_mul of the plain GEMV, th
 rotary + KV-store epilogue against rope_store of the plain GEMV's q, k, v (GQA, a bias, slot -1
 rows, heads that straddle a program's rows). Both must give the same bits, for one row of x (the
 tl.sum path) and 2..8 rows (tl.dot), with N not a multiple of the rows a program owns and K not a
-multiple of the K slice; and Llama's MLP and attention, which take them for <= 8 rows, must give
-the bits of their unfused paths.
+multiple of the K slice; and Llama's MLP and attention, which take them for up to EPILOGUE_ROWS
+rows, must give the bits of their unfused paths.
 
 One caveat of the interpreter: its tl.dot is numpy's matmul, whose sum for an output column
 depends on where in the tile the column sits, and the fused kernels move rows (up row j sits
@@ -119,8 +119,8 @@ def _qkv(gen) -> list[bool]:
 
 
 def _llama_layers(gen) -> list[bool]:
-    """LlamaMLP and LlamaAttention with kernels on: <= 8 rows take the fused GEMVs and give the bits of
-    the unfused launches, and the caches hold the same K/V (shapes where the interpreter's positions
+    """LlamaMLP and LlamaAttention with kernels on: up to EPILOGUE_ROWS rows take the fused GEMVs and
+    give the bits of the unfused launches (more rows take the plain GEMV), and the caches hold the same K/V (shapes where the interpreter's positions
     agree: intermediate 64, head_dim 64)."""
     from llm_service.layers import triton_gemv
     from llm_service.layers.attention import AttentionMetadata
@@ -146,8 +146,10 @@ def _llama_layers(gen) -> list[bool]:
         x = torch.randn(rows, a.hidden_size, generator=gen)
         calls.clear()
         fused = mlp(x)
-        same = calls == ["gated", "plain"] and torch.equal(fused, mlp.down_proj(mlp.act(mlp.gate_up_proj(x))))
-        oks.append(_report(f"LlamaMLP, {rows} rows: the gated GEMV, bits of the unfused path", same))
+        epilogue = rows <= triton_gemv.EPILOGUE_ROWS
+        want = ["gated", "plain"] if epilogue else ["plain", "plain"]
+        same = calls == want and torch.equal(fused, mlp.down_proj(mlp.act(mlp.gate_up_proj(x))))
+        oks.append(_report(f"LlamaMLP, {rows} rows: {want}, bits of the unfused path", same))
 
         lens = [5, 9, 2][:rows]
         meta = AttentionMetadata(
@@ -159,15 +161,15 @@ def _llama_layers(gen) -> list[bool]:
         attn.attn.k_cache, attn.attn.v_cache = kc.clone(), vc.clone()
         calls.clear()
         fused = attn(rope, x, meta)
-        taken = calls == ["qkv", "plain"]
+        want = ["qkv", "plain"] if epilogue else ["plain", "plain"]
+        taken = calls == want
         k_fused, v_fused = attn.attn.k_cache, attn.attn.v_cache
         attn.attn.k_cache, attn.attn.v_cache = kc, vc
         q, k, v = attn.qkv_proj(x).split([4 * a.head_dim, 2 * a.head_dim, 2 * a.head_dim], dim=-1)
         o = attn.attn(q.view(rows, 4, -1), k.view(rows, 2, -1), v.view(rows, 2, -1), rope, meta)
         same = torch.equal(fused, attn.o_proj(o.flatten(1))) and torch.equal(k_fused, kc) and torch.equal(v_fused, vc)
         same = same and taken
-        oks.append(_report(f"LlamaAttention, {rows} rows: the QKV + rope + store GEMV, bits of the unfused path",
-                           same))
+        oks.append(_report(f"LlamaAttention, {rows} rows: {want}, bits of the unfused path", same))
     return oks
 
 

@@ -60,7 +60,7 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, a.head_dim, a.head_dim**-0.5)
 
     def forward(self, rope: Rope, x: torch.Tensor, meta: AttentionMetadata, reduce: bool = True) -> torch.Tensor:
-        if self.attn.kernels is not None and self.qkv_proj.use_gemv and x.shape[0] <= triton_gemv.MAX_ROWS:
+        if self.attn.kernels is not None and self.qkv_proj.use_gemv and x.shape[0] <= triton_gemv.EPILOGUE_ROWS:
             # decode: projection, rotary and the K/V cache write are one launch
             q = triton_gemv.qkv_rope_store(x, self.qkv_proj.weight, self.qkv_proj.bias, rope, self.attn.k_cache,
                                            self.attn.v_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads)
@@ -81,7 +81,7 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
-        if self.gate_up_proj.use_gemv and x.shape[0] <= triton_gemv.MAX_ROWS:  # SiLU * up in the GEMV's epilogue
+        if self.gate_up_proj.use_gemv and x.shape[0] <= triton_gemv.EPILOGUE_ROWS:  # SiLU * up in the GEMV's epilogue
             h = triton_gemv.gemv(x, self.gate_up_proj.weight, self.gate_up_proj.bias, gated=True)
         else:
             h = self.act(self.gate_up_proj(x))
