@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from protos import common_pb2, vision_pb2
@@ -87,6 +88,15 @@ def _settle(future: asyncio.Future, result: ImageEmbedding | None, error: BaseEx
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _copied(src: torch.Tensor) -> torch.Tensor:
+    """A copy of the host bytes `src` made by this thread alone (numpy's copy, off the GIL).
+    torch's copy_ splits a copy this large over its intra-op thread pool, whose threads spin
+    and wait on one another while other processes (the split tiers) want the same cores."""
+    out = torch.empty_like(src)
+    np.copyto(out.numpy(), src.numpy())
+    return out
 
 
 class VisionEngine:
@@ -299,15 +309,15 @@ class VisionEngine:
         nbytes = [e.numel() * e.element_size() for e in embeddings]
         if self._staging is None or self._staging.numel() < sum(nbytes):
             self._staging = torch.empty(sum(nbytes), dtype=torch.uint8, pin_memory=True)
-        views, start = [], 0
+        staged, start = [], 0
         with torch.cuda.stream(self._copy_stream):
             self._copy_stream.wait_event(launched.done)
             for e, n in zip(embeddings, nbytes):
-                views.append(self._staging[start : start + n].view(e.dtype).view(e.shape))
-                views[-1].copy_(e, non_blocking=True)
+                staged.append(self._staging[start : start + n])
+                staged[-1].view(e.dtype).view(e.shape).copy_(e, non_blocking=True)
                 start += n
             self._copy_stream.synchronize()
-        return [torch.empty(v.shape, dtype=v.dtype).copy_(v) for v in views]
+        return [_copied(b).view(e.dtype).view(e.shape) for b, e in zip(staged, embeddings)]
 
     def _stats(self) -> str:
         with self._cond:
