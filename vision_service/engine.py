@@ -91,9 +91,10 @@ def _settle(future: asyncio.Future, result: ImageEmbedding | None, error: BaseEx
 
 
 def _copied(src: torch.Tensor) -> torch.Tensor:
-    """A copy of the host bytes `src` made by this thread alone (numpy's copy, off the GIL).
+    """A copy of the host bytes `src` made by the calling thread alone (numpy's, off the GIL).
     torch's copy_ splits a copy this large over its intra-op thread pool, whose threads spin
-    and wait on one another while other processes (the split tiers) want the same cores."""
+    and wait on one another while other processes (the split tiers) want the same cores: W4 fell
+    from 92% to 80% of embedded with it (bench/RESULTS.md)."""
     out = torch.empty_like(src)
     np.copyto(out.numpy(), src.numpy())
     return out
@@ -317,7 +318,8 @@ class VisionEngine:
                 staged[-1].view(e.dtype).view(e.shape).copy_(e, non_blocking=True)
                 start += n
             self._copy_stream.synchronize()
-        return [_copied(b).view(e.dtype).view(e.shape) for b, e in zip(staged, embeddings)]
+        hosts = self._prep.map(_copied, staged)  # side by side on the prep pool's threads
+        return [h.view(e.dtype).view(e.shape) for h, e in zip(hosts, embeddings)]
 
     def _stats(self) -> str:
         with self._cond:
