@@ -6,8 +6,10 @@ kernels are launched with `launch_pdl=True` and, in the kernel (`PDL: tl.constex
 - every program calls `gdc_launch_dependents()` as it starts, so the next kernel is launched
   onto free SM slots during this one's tail;
 - `gdc_wait()` comes before the first load or store of anything an earlier kernel wrote or
-  still reads (activations, caches, metadata). Only weights, written once at load time, may be
-  read before it: the GEMV starts streaming its weight slice while the previous kernel finishes.
+  still reads (activations, caches, metadata), except what no kernel of the forward writes:
+  weights (the GEMV starts streaming its weight slice while the previous kernel finishes), and
+  in the split attention kernel the step's metadata (written by copies before the forward) and
+  the K/V of positions cached before this step (its predecessor writes only this step's).
 The wait blocks until the previous grid has completed and flushed, and that grid itself waited
 for its own predecessor, so ordering stays transitive. Kernels without PDL (cuBLAS, torch ops,
 the all-reduce) keep the stream's usual full serialisation on both sides.
