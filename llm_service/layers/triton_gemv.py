@@ -59,6 +59,15 @@ if AVAILABLE:
         return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
 
     @triton.jit
+    def _w_slice(w_ptrs, u_ptrs, k0, mask, TWO: tl.constexpr):
+        """The K slice at k0 of W's rows (and with TWO of the second rows; else the first again)."""
+        w = tl.load(w_ptrs + k0, mask=mask, other=0.0)
+        u = w
+        if TWO:
+            u = tl.load(u_ptrs + k0, mask=mask, other=0.0)
+        return w, u
+
+    @triton.jit
     def _project(
         x_ptr, w_ptr, b_ptr, rows, rows2, n_ok, M, K, stride_xm, stride_wn,
         HAS_BIAS: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
@@ -71,11 +80,7 @@ if AVAILABLE:
         rk = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + rk[None, :]
         u_ptrs = w_ptr + rows2[:, None].to(tl.int64) * stride_wn + rk[None, :]
-        w_ok = n_ok[:, None] & (rk < K)[None, :]
-        w = tl.load(w_ptrs, mask=w_ok, other=0.0)
-        u = w
-        if TWO:
-            u = tl.load(u_ptrs, mask=w_ok, other=0.0)
+        w, u = _w_slice(w_ptrs, u_ptrs, 0, n_ok[:, None] & (rk < K)[None, :], TWO)
         if PDL:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
         if BLOCK_M == 1:
@@ -86,10 +91,7 @@ if AVAILABLE:
                 up1 = _row_dot(x, u)
             for k0 in range(BLOCK_K, K, BLOCK_K):
                 k_ok = k0 + rk < K
-                w_ok = n_ok[:, None] & k_ok[None, :]
-                w = tl.load(w_ptrs + k0, mask=w_ok, other=0.0)
-                if TWO:
-                    u = tl.load(u_ptrs + k0, mask=w_ok, other=0.0)
+                w, u = _w_slice(w_ptrs, u_ptrs, k0, n_ok[:, None] & k_ok[None, :], TWO)
                 x = tl.load(x_ptr + k0 + rk, mask=k_ok, other=0.0)
                 acc1 += _row_dot(x, w)
                 if TWO:
@@ -105,10 +107,7 @@ if AVAILABLE:
                 up = _dot(x, u, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), IEEE)
             for k0 in range(BLOCK_K, K, BLOCK_K):
                 k_ok = k0 + rk < K
-                w_ok = n_ok[:, None] & k_ok[None, :]
-                w = tl.load(w_ptrs + k0, mask=w_ok, other=0.0)
-                if TWO:
-                    u = tl.load(u_ptrs + k0, mask=w_ok, other=0.0)
+                w, u = _w_slice(w_ptrs, u_ptrs, k0, n_ok[:, None] & k_ok[None, :], TWO)
                 x = tl.load(x_ptrs + k0, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
                 acc = _dot(x, w, acc, IEEE)
                 if TWO:
