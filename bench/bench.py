@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import gzip
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -585,6 +587,11 @@ def _profiled(name: str, run, out: Path) -> None:
     tables.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
     text = "\n\n".join(tables)
     (out / f"profile_{name}.txt").write_text(text)
+    trace = out / f"profile_{name}.json"
+    prof.export_chrome_trace(str(trace))  # the timeline: host gaps between the GPU's work
+    with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    trace.unlink()
     print(text, flush=True)
 
 
@@ -609,6 +616,13 @@ def profile_w3(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
     gen = GenerationConfig(max_new_tokens=1, ignore_eos=True)
     stream(pipe, [turn2], gen)  # warm: the same path once before it is traced
     _profiled("w3_turn2", lambda: stream(pipe, [turn2], gen), out)
+    engine = pipe._service.llm.engine
+    gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)  # as W3 runs it
+    for _ in range(5):  # the host's share: when the engine launched turn 2's steps, when its first id arrived
+        traces, _, start = stream(pipe, [turn2], gen)
+        launches = [round(1e3 * (r.launched_at - start), 2) for r in engine.step_log if r.launched_at >= start][:3]
+        print(f"[bench] W3 turn 2: first steps launched at {launches} ms, first id at "
+              f"{1e3 * traces[0].first:.2f} ms", flush=True)
 
 
 def run_prism(report: Report, path: Path, args, counts: Counts, inputs: Inputs, ceiling: float) -> dict | None:
