@@ -616,13 +616,80 @@ def profile_w3(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
     gen = GenerationConfig(max_new_tokens=1, ignore_eos=True)
     stream(pipe, [turn2], gen)  # warm: the same path once before it is traced
     _profiled("w3_turn2", lambda: stream(pipe, [turn2], gen), out)
-    engine = pipe._service.llm.engine
     gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)  # as W3 runs it
-    for _ in range(5):  # the host's share: when the engine launched turn 2's steps, when its first id arrived
-        traces, _, start = stream(pipe, [turn2], gen)
-        launches = [round(1e3 * (r.launched_at - start), 2) for r in engine.step_log if r.launched_at >= start][:3]
-        print(f"[bench] W3 turn 2: first steps launched at {launches} ms, first id at "
-              f"{1e3 * traces[0].first:.2f} ms", flush=True)
+    with Stamps(TTFT_STAMPS) as stamps:
+        for _ in range(5):  # the host's share: when each stage of turn 2 ran, when its first id arrived
+            stamps.clear()
+            traces, _, start = stream(pipe, [turn2], gen)
+            print(f"[bench] W3 turn 2, first id at {1e3 * traces[0].first:.2f} ms: {stamps.since(start)}", flush=True)
+
+
+# The stages of a request up to its first id, as (module, class or None, function).
+TTFT_STAMPS = [
+    ("gateway.service", "ChatService", "prepare"),
+    ("llm_service.engine.async_engine", None, "build_sequence"),
+    ("llm_service.engine.async_engine", "AsyncLLMEngine", "_start"),
+    ("llm_service.engine.scheduler", "Scheduler", "schedule"),
+    ("llm_service.engine.model_runner", "ModelRunner", "prepare"),
+    ("llm_service.engine.cuda_graph", "PrefillGraphs", "run"),
+    ("llm_service.engine.cuda_graph", "DecodeGraphs", "run"),
+    ("llm_service.engine.llm_engine", "LLMEngine", "_sample"),
+    ("llm_service.engine.llm_engine", "LLMEngine", "_complete"),
+    ("llm_service.engine.async_engine", "AsyncLLMEngine", "_flush"),
+]
+
+
+class Stamps:
+    """Wraps functions (sync or async) to record when each call started and ended, on any
+    thread: a request's host timeline without a profiler's own overhead."""
+
+    def __init__(self, targets: list[tuple[str, str | None, str]]):
+        import importlib
+
+        self.targets = [(importlib.import_module(m), c, f) for m, c, f in targets]
+        self.calls: list[tuple[str, float, float]] = []
+        self.saved: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> "Stamps":
+        import inspect
+
+        for module, cls, name in self.targets:
+            owner = getattr(module, cls) if cls else module
+            fn = owner.__dict__[name] if cls else getattr(module, name)
+            label = f"{cls}.{name}" if cls else name
+            self.saved.append((owner, name, fn))
+            setattr(owner, name, self._async(fn, label) if inspect.iscoroutinefunction(fn) else self._sync(fn, label))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, fn in reversed(self.saved):
+            setattr(owner, name, fn)
+
+    def _sync(self, fn, label):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.calls.append((label, t0, time.perf_counter()))
+        return timed
+
+    def _async(self, fn, label):
+        async def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                self.calls.append((label, t0, time.perf_counter()))
+        return timed
+
+    def clear(self) -> None:
+        self.calls.clear()
+
+    def since(self, start: float, limit: int = 14) -> str:
+        """The first `limit` calls as 'name start-end' in ms after `start`."""
+        calls = sorted(self.calls, key=lambda c: c[1])[:limit]
+        return ", ".join(f"{n} {1e3 * (a - start):.2f}-{1e3 * (b - start):.2f}" for n, a, b in calls)
 
 
 def run_prism(report: Report, path: Path, args, counts: Counts, inputs: Inputs, ceiling: float) -> dict | None:
