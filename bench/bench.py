@@ -197,12 +197,13 @@ class Report:
 
 # ---------------------------------------------------------------- checkpoint
 
-def build_tokenizer():
+def build_tokenizer(vocab_size: int):
     """A word-level tokenizer with llava's ids: <unk> <s> </s>, the words of CORPUS, filler words
-    w<i> up to 31999, `<image>` = 32000, `<pad>` = 32001 (the model's 62 extra rows have no token,
-    as in llava-1.5-7b-hf). Word-level so that any generated ids decode to text that encodes back
-    to the same ids, as a real tokenizer mostly does: in W3 the re-sent answer then costs what it
-    costs with a real model, instead of exploding into characters."""
+    w<i> up to 31999, `<image>` = 32000, `<pad>` = 32001, and filler words for the model's 62 extra
+    rows (llava-1.5-7b-hf's tokenizer has none: a trained model never says them, this random one
+    does). Word-level so that any generated ids but the special ones decode to text that encodes
+    back to the same ids, as a real tokenizer mostly does: in W3 the re-sent answer then costs what
+    it costs with a real model, instead of exploding into characters."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -213,6 +214,7 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = split
     tok.add_special_tokens(["<unk>", "<s>", "</s>", "<image>", "<pad>"])  # the last two get 32000, 32001
+    tok.add_tokens([f"w{i}" for i in range(IMAGE_TOKEN_ID + 2, vocab_size)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
@@ -262,7 +264,7 @@ def build_checkpoint(path: Path, shape: Shape, dtype: torch.dtype, device: str, 
     release_memory(device)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": shape.image},
                                             crop_size={"height": shape.image, "width": shape.image})
-    LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=shape.patch,
+    LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(shape.vocab), patch_size=shape.patch,
                    vision_feature_select_strategy="default", num_additional_image_tokens=1,
                    image_token="<image>").save_pretrained(path)
     marker.write_text(json.dumps(stamp))
@@ -310,6 +312,7 @@ class Inputs:
     w2: list[tuple]
     w3: list[tuple]
     warmup: list[tuple]
+    unspeakable: list[int]  # ids whose text does not encode back to them: the special tokens
 
 
 def make_inputs(path: Path, shape: Shape, counts: Counts) -> Inputs:
@@ -323,7 +326,8 @@ def make_inputs(path: Path, shape: Shape, counts: Counts) -> Inputs:
         return [(text, make_image(seed + i, size)) for i, text in enumerate(texts)]
 
     return Inputs(check=prompts(1, 5000)[0], w1=prompts(counts.repeats, 1000), w2=prompts(counts.requests, 2000),
-                  w3=prompts(counts.repeats, 4000), warmup=prompts(counts.warmup, 3000))
+                  w3=prompts(counts.repeats, 4000), warmup=prompts(counts.warmup, 3000),
+                  unspeakable=sorted(tokenizer.all_special_ids))
 
 
 # ---------------------------------------------------------------- measuring
@@ -405,6 +409,58 @@ class VisionWatch(threading.Thread):
                 "images_s": self.images / (self.done_at - start)}
 
 
+class LLMWatch(threading.Thread):
+    """Polls the LLM tier's running / waiting counts during a workload (every 50 ms): how fast the
+    requests enter the engine, in either mode. `read()` -> (running, waiting, free_blocks, total_blocks)."""
+
+    def __init__(self, read):
+        super().__init__(daemon=True)
+        self.read = read
+        self.samples: list[tuple[float, tuple[int, int, int, int]]] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.05):
+            self.samples.append((time.perf_counter(), self.read()))
+
+    def result(self, start: float) -> dict:
+        self._halt.set()
+        self.join()
+        if not self.samples:
+            return {}
+        timeline = [(round(t - start, 2), *counts[:3]) for t, counts in self.samples[::10]]  # every 0.5 s
+        peak = max(counts[0] for _, counts in self.samples)
+        at_peak = next(t for t, counts in self.samples if counts[0] == peak)
+        return {"total_blocks": self.samples[0][1][3], "max_running": peak, "max_running_at_s": at_peak - start,
+                "timeline_s_running_waiting_free": timeline}
+
+
+def embedded_llm_reader(pipe):
+    """(running, waiting, free_blocks, total_blocks) of the pipeline's in-process engine."""
+    engine = pipe._service.llm.engine
+
+    def read() -> tuple[int, int, int, int]:
+        return (len(engine.scheduler.running), len(engine.scheduler.waiting), engine.blocks.num_free_blocks,
+                engine.blocks.num_blocks)
+
+    return read
+
+
+def remote_llm_reader(target: str):
+    """The same counts of an LLM tier over its gRPC Info."""
+    import grpc
+
+    from protos import llm_pb2, llm_pb2_grpc
+
+    stub = llm_pb2_grpc.LLMServiceStub(grpc.insecure_channel(target))
+
+    def read() -> tuple[int, int, int, int]:
+        info = stub.Info(llm_pb2.LLMInfoRequest(), timeout=10)
+        return info.running, info.waiting, info.free_blocks, info.total_blocks
+
+    return read
+
+
 def embedded_vision_reader(pipe):
     """(images_encoded, batches_run) of the pipeline's in-process vision engine."""
     engine = pipe._service.llm.vision  # the pipeline exposes no stats of its own
@@ -464,20 +520,22 @@ def w1_latency(pipe, inputs: Inputs, counts: Counts, ceiling: float) -> dict:
             "ceiling_frac": decode / ceiling, "tokens": [t.tokens for t in traces]}
 
 
-def w2_throughput(pipe, inputs: Inputs, counts: Counts, vision_read) -> dict:
+def w2_throughput(pipe, inputs: Inputs, counts: Counts, vision_read, llm_read) -> dict:
     """All requests at once, each with its own image; a small warm-up batch first."""
     from gateway import GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)
     stream(pipe, inputs.warmup, GenerationConfig(max_new_tokens=16, ignore_eos=True))
-    watch = VisionWatch(vision_read, len(inputs.w2))
+    watch, llm_watch = VisionWatch(vision_read, len(inputs.w2)), LLMWatch(llm_read)
     watch.start()
+    llm_watch.start()
     traces, wall, start = stream(pipe, inputs.w2, gen)
     tokens = sum(t.tokens for t in traces)
     ttfts = sorted(t.first for t in traces)
     out = {"output_tok_s": tokens / wall, "requests_s": len(traces) / wall, "wall_s": wall, "tokens": tokens,
            "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_max_s": ttfts[-1],
-           "vision": watch.result(start)}
+           "vision": watch.result(start), "llm": llm_watch.result(start)}
+    print(f"[bench] W2 LLM tier: {out['llm']}", flush=True)
     engine = getattr(getattr(pipe, "_service", None), "llm", None)
     if hasattr(engine, "engine"):  # embedded: the engine's own step log tells the schedule
         out["steps"] = schedule_summary(engine.engine.step_log, start, start + wall)
@@ -552,9 +610,7 @@ def tower_alone(engine, images) -> dict:
 
 def w3_multiturn(pipe, inputs: Inputs, counts: Counts) -> dict:
     """Turn 2 re-sends turn 1's image after the answer: prefix and embedding caches should hit."""
-    from gateway import GenerationConfig
-
-    gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)
+    gen = w3_generation(inputs, counts)
     first, second = [], []
     for text, image in inputs.w3:
         turn1 = [{"role": "user", "content": [{"type": "text", "text": text},
@@ -603,20 +659,30 @@ def profile_w1(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
     _profiled("w1", lambda: stream(pipe, [inputs.w1[0]], gen), out)
 
 
+def w3_generation(inputs: Inputs, counts: Counts):
+    """W3's answers never contain the ids a client's re-sent text cannot give back (the special
+    tokens, which the detokenizer skips): a trained model does not say them mid-answer, while the
+    random one might, and its turn 2 would then prefill the answer from there on, which measures
+    the tokenizer, not the caches."""
+    from gateway import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True, bad_token_ids=inputs.unspeakable)
+
+
 def profile_w3(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
     """W3's turn 2 up to its first token (max_new_tokens 1): where the follow-up's TTFT goes."""
     from gateway import GenerationConfig
 
-    text, image = inputs.w3[0]
+    text, image = inputs.warmup[-1]  # not one of W3's: those must find nothing cached
     turn1 = [{"role": "user", "content": [{"type": "text", "text": text},
                                           {"type": "image_url", "image_url": {"url": image}}]}]
-    answer = stream(pipe, [turn1], GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True))[0][0]
+    answer = stream(pipe, [turn1], w3_generation(inputs, counts))[0][0]
     turn2 = turn1 + [{"role": "assistant", "content": answer.text},
                      {"role": "user", "content": "What else can you see in the picture?"}]
-    gen = GenerationConfig(max_new_tokens=1, ignore_eos=True)
+    gen = GenerationConfig(max_new_tokens=1, ignore_eos=True, bad_token_ids=inputs.unspeakable)
     stream(pipe, [turn2], gen)  # warm: the same path once before it is traced
     _profiled("w3_turn2", lambda: stream(pipe, [turn2], gen), out)
-    gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)  # as W3 runs it
+    gen = w3_generation(inputs, counts)  # as W3 runs it
     with Stamps(TTFT_STAMPS) as stamps:
         for _ in range(5):  # the host's share: when each stage of turn 2 ran, when its first id arrived
             stamps.clear()
@@ -715,7 +781,8 @@ def run_prism(report: Report, path: Path, args, counts: Counts, inputs: Inputs, 
                     profile_w3(pipe, inputs, counts, args.out)
         if "W2" in args.workloads:
             with report.stage("prism.W2"):
-                report.put("prism.W2", w2_throughput(pipe, inputs, counts, embedded_vision_reader(pipe)))
+                report.put("prism.W2", w2_throughput(pipe, inputs, counts, embedded_vision_reader(pipe),
+                                                          embedded_llm_reader(pipe)))
             with report.stage("prism.vision"):
                 report.put("prism.vision", vision_alone(pipe, inputs))
         if "W3" in args.workloads:
@@ -746,7 +813,8 @@ def run_split(report: Report, path: Path, args, counts: Counts, inputs: Inputs) 
             started = time.perf_counter() - t0
             pipe = pipeline(f"grpc://{tiers.gateway}")
             try:
-                result = w2_throughput(pipe, inputs, counts, remote_vision_reader(tiers.tiers["vision"].target))
+                result = w2_throughput(pipe, inputs, counts, remote_vision_reader(tiers.tiers["vision"].target),
+                                       remote_llm_reader(tiers.tiers["llm"].target))
             finally:
                 pipe.close()
         embedded = report.get("prism.W2.output_tok_s")
