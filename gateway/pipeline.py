@@ -23,7 +23,7 @@ from gateway.config import GenerationConfig, Response, TurbomindEngineConfig, Vi
 from gateway.messages import normalize_messages, normalize_prompts
 from gateway.service import ChatService, collect
 from gateway.templates import ChatTemplateConfig
-from protos.serving import freeze_startup_heap
+from protos.serving import freeze_startup_heap, thaw_heap
 
 _IGNORED_KWARGS = ("trust_remote_code", "max_log_len")  # LMDeploy options with no meaning here
 _DONE = object()
@@ -241,6 +241,8 @@ class Pipeline:
         finally:
             self._thread.stop()
             self._thread = None
+            self._service = None
+            thaw_heap()
 
     def __enter__(self) -> "Pipeline":
         return self

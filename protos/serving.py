@@ -66,6 +66,15 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def thaw_heap() -> None:
+    """Undo freeze_startup_heap once what it froze is being torn down (an embedded pipeline's
+    close): frozen objects are never collected, and a model's modules and weights sit in
+    reference cycles (a parameter's weight_loader is its module's bound method), so without
+    this a closed pipeline kept its weights on the GPU."""
+    gc.unfreeze()
+    gc.collect()
+
+
 def make_server(service_names: list[str], bind: str) -> Served:
     """An aio server bound to `bind` (host:port, port 0 = any free), with health
     (NOT_SERVING) and reflection registered for `service_names` (full names)."""
