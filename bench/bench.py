@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 IMAGE_TOKEN_ID = 32000
+SPECIAL_IDS = (0, 1, 2, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID + 1)  # <unk> <s> </s> <image> <pad>
 PAD_TOKEN_ID = 32001
 SESSION_LEN = 2048
 # LMDeploy's llava-v1 template, written out so the transformers side does not depend on Prism's renderer.
@@ -243,7 +244,7 @@ def build_checkpoint(path: Path, shape: Shape, dtype: torch.dtype, device: str, 
     the llava-hf layout with tokenizer and processor. Reused when the folder holds this shape."""
     from transformers import CLIPImageProcessorPil, LlavaForConditionalGeneration, LlavaProcessor
 
-    stamp = {"shape": asdict(shape), "dtype": str(dtype), "seed": seed}
+    stamp = {"shape": asdict(shape), "dtype": str(dtype), "seed": seed, "silent_special_ids": list(SPECIAL_IDS)}
     marker = path / "bench_shape.json"
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return path
@@ -259,6 +260,11 @@ def build_checkpoint(path: Path, shape: Shape, dtype: torch.dtype, device: str, 
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, shape.init_std)
+        # The special tokens' LM-head rows are zero, so a logit of 0 never wins against 32k random
+        # ones: like a trained model, this one does not say them mid-answer. It matters in W3: the
+        # detokenizer skips them, so a re-sent answer that held one would not encode back to its
+        # ids, and turn 2 would prefill the answer from there on (27 vs 10 ms, 1 answer in 4).
+        model.lm_head.weight[list(SPECIAL_IDS)] = 0
     model.save_pretrained(path, max_shard_size="5GB")
     del model
     release_memory(device)
@@ -312,7 +318,6 @@ class Inputs:
     w2: list[tuple]
     w3: list[tuple]
     warmup: list[tuple]
-    unspeakable: list[int]  # ids whose text does not encode back to them: the special tokens
 
 
 def make_inputs(path: Path, shape: Shape, counts: Counts) -> Inputs:
@@ -326,8 +331,7 @@ def make_inputs(path: Path, shape: Shape, counts: Counts) -> Inputs:
         return [(text, make_image(seed + i, size)) for i, text in enumerate(texts)]
 
     return Inputs(check=prompts(1, 5000)[0], w1=prompts(counts.repeats, 1000), w2=prompts(counts.requests, 2000),
-                  w3=prompts(counts.repeats, 4000), warmup=prompts(counts.warmup, 3000),
-                  unspeakable=sorted(tokenizer.all_special_ids))
+                  w3=prompts(counts.repeats, 4000), warmup=prompts(counts.warmup, 3000))
 
 
 # ---------------------------------------------------------------- measuring
@@ -494,7 +498,7 @@ def prism_pipeline(path: Path, args, counts: Counts):
 
     backend = TurbomindEngineConfig(session_len=SESSION_LEN, max_batch_size=counts.requests,
                                     cache_max_entry_count=0.8, enable_prefix_caching=True, tp=args.tp,
-                                    device=args.device)
+                                    device=args.device, quant_policy=args.quant_policy)
     return pipeline(str(path), backend_config=backend,
                     vision_config=VisionConfig(max_batch_size=counts.vision_batch, device=args.device))
 
@@ -610,7 +614,9 @@ def tower_alone(engine, images) -> dict:
 
 def w3_multiturn(pipe, inputs: Inputs, counts: Counts) -> dict:
     """Turn 2 re-sends turn 1's image after the answer: prefix and embedding caches should hit."""
-    gen = w3_generation(inputs, counts)
+    from gateway import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)
     first, second = [], []
     for text, image in inputs.w3:
         turn1 = [{"role": "user", "content": [{"type": "text", "text": text},
@@ -659,16 +665,6 @@ def profile_w1(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
     _profiled("w1", lambda: stream(pipe, [inputs.w1[0]], gen), out)
 
 
-def w3_generation(inputs: Inputs, counts: Counts):
-    """W3's answers never contain the ids a client's re-sent text cannot give back (the special
-    tokens, which the detokenizer skips): a trained model does not say them mid-answer, while the
-    random one might, and its turn 2 would then prefill the answer from there on, which measures
-    the tokenizer, not the caches."""
-    from gateway import GenerationConfig
-
-    return GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True, bad_token_ids=inputs.unspeakable)
-
-
 def profile_w3(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
     """W3's turn 2 up to its first token (max_new_tokens 1): where the follow-up's TTFT goes."""
     from gateway import GenerationConfig
@@ -676,13 +672,13 @@ def profile_w3(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
     text, image = inputs.warmup[-1]  # not one of W3's: those must find nothing cached
     turn1 = [{"role": "user", "content": [{"type": "text", "text": text},
                                           {"type": "image_url", "image_url": {"url": image}}]}]
-    answer = stream(pipe, [turn1], w3_generation(inputs, counts))[0][0]
+    answer = stream(pipe, [turn1], GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True))[0][0]
     turn2 = turn1 + [{"role": "assistant", "content": answer.text},
                      {"role": "user", "content": "What else can you see in the picture?"}]
-    gen = GenerationConfig(max_new_tokens=1, ignore_eos=True, bad_token_ids=inputs.unspeakable)
+    gen = GenerationConfig(max_new_tokens=1, ignore_eos=True)
     stream(pipe, [turn2], gen)  # warm: the same path once before it is traced
     _profiled("w3_turn2", lambda: stream(pipe, [turn2], gen), out)
-    gen = w3_generation(inputs, counts)  # as W3 runs it
+    gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)  # as W3 runs it
     with Stamps(TTFT_STAMPS) as stamps:
         for _ in range(5):  # the host's share: when each stage of turn 2 ran, when its first id arrived
             stamps.clear()
@@ -804,7 +800,7 @@ def run_split(report: Report, path: Path, args, counts: Counts, inputs: Inputs) 
         vision_args = ["--device", args.device, "--vision-max-batch-size", str(counts.vision_batch)]
         llm_args = ["--device", args.device, "--tp", str(args.tp), "--session-len", str(SESSION_LEN),
                     "--max-batch-size", str(counts.requests), "--cache-max-entry-count", "0.8",
-                    "--enable-prefix-caching"]
+                    "--enable-prefix-caching", "--quant-policy", str(args.quant_policy)]
         log_dir = args.out / "tiers"  # the tiers' logs come back with the results
         log_dir.mkdir(parents=True, exist_ok=True)
         free = torch.cuda.mem_get_info()[0] / 1e9 if args.device.startswith("cuda") else None  # leak check
@@ -1022,12 +1018,14 @@ def _target(text: str, value, goal) -> str:
 
 def render(data: dict) -> str:
     """One markdown table: rows are metrics; columns transformers' two paths and Prism."""
-    env, prism = data.get("env", {}), data.get("prism", {})
+    env, prism, args = data.get("env", {}), data.get("prism", {}), data.get("args", {})
+    kv = {0: str(args.get("dtype", "?")).removeprefix("torch."), 8: "int8 (quant_policy=8)"}.get(
+        args.get("quant_policy"), "?")
     w1, w2, w3, w4 = (_node(prism, w) for w in ("W1", "W2", "W3", "W4"))
     hf_bs = _node(data, "hf.eager.W2").get("batch") or _node(data, "hf.compile.W2").get("batch")
     w3_goal, w4_goal = TARGETS["w3_ratio"], TARGETS["w4_ratio"]
     lines = [f"device: {env.get('device', '?')} · torch {env.get('torch', '?')} · transformers "
-             f"{env.get('transformers', '?')} · commit {env.get('commit', '?')} · tp {data.get('args', {}).get('tp', '?')}"
+             f"{env.get('transformers', '?')} · commit {env.get('commit', '?')} · tp {args.get('tp', '?')} · KV cache {kv}"
              f" · copy {_num(data.get('copy_bw_GBps'), '.0f')} GB/s · LLM weights {_num(data.get('llm_weight_GB'), '.2f')} GB",
              "", "| metric | transformers eager | transformers static+compile | Prism | target |",
              "| --- | --- | --- | --- | --- |"]
@@ -1110,6 +1108,8 @@ def environment(device: str) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=1, help="Prism's tensor parallel size")
+    parser.add_argument("--quant-policy", type=int, default=0, choices=[0, 8],
+                        help="Prism's KV cache in W1-W4: 0 the model's dtype, 8 int8 (the tiny check keeps 0)")
     parser.add_argument("--workloads", default="W1,W2,W3,W4", help="Prism workloads to run (comma list; '' for none)")
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers (and the bf16 logits check)")
     parser.add_argument("--hf-modes", default="eager,compile", help="transformers paths to time")
@@ -1133,7 +1133,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     report = Report(args.out)
     report.put("env", environment(args.device))
-    report.put("args", {"tp": args.tp, "workloads": sorted(args.workloads), "tiny": args.tiny, "dtype": str(dtype),
+    report.put("args", {"tp": args.tp, "quant_policy": args.quant_policy, "workloads": sorted(args.workloads),
+                        "tiny": args.tiny, "dtype": str(dtype),
                         "counts": asdict(counts), "device": args.device})
     weight_bytes = shape.llm_params * torch.tensor([], dtype=dtype).element_size()
     report.put("llm_weight_GB", weight_bytes / 1e9)
