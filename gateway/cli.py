@@ -36,7 +36,7 @@ def _engine_config(args):
         tp=args.tp, session_len=args.session_len, max_batch_size=args.max_batch_size,
         cache_max_entry_count=args.cache_max_entry_count, cache_block_seq_len=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching, max_prefill_token_num=args.max_prefill_token_num,
-        device=args.device, dtype=args.dtype,
+        device=args.device, dtype=args.dtype, quant_policy=args.quant_policy,
     )
 
 
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=64)
     serve.add_argument("--max-prefill-token-num", type=int, default=8192, help="prefill tokens per step (chunked prefill)")
     serve.add_argument("--enable-prefix-caching", action="store_true")
+    serve.add_argument("--quant-policy", type=int, default=0, choices=[0, 8],
+                       help="KV cache: 0 in the model's dtype, 8 int8 (half the bytes; 4, int4, is not supported)")
     serve.add_argument("--vision-max-batch-size", "--max-vision-batch-size", type=int, default=8)
     serve.add_argument("--batch-window-ms", type=float, default=2.0)
     serve.set_defaults(func=_serve)

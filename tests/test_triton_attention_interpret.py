@@ -3,7 +3,9 @@ against the torch reference in attention.py: the prefill kernel, the split kerne
 prefills and decode at several split counts (folded merge and merge kernel, empty splits,
 seq_len-0 padding rows, first tiles of old keys and of this step's), the KV store, and the fold
 counters left at 0. The split kernel's early first tile (EARLY) must not change a bit: every split
-run is repeated with it flipped.
+run is repeated with it flipped. With an int8 cache (quant_policy=8) the store (with and without
+rotary) must give the reference's codes and scales bit for bit, and the kernels must match the
+reference over them.
 
 The interpreter is chosen when triton is imported, so the checks run in a child process with
 TRITON_INTERPRET=1 (this file run as a script). Sequential programs cannot show memory-ordering
@@ -23,8 +25,10 @@ def test_kernels_in_the_interpreter():
     run_script(__file__)
 
 
-def _case(seqs, hq, hkv, d, page, gen):
-    """Random caches (K/V stored through the kernel), permuted blocks, packed queries."""
+def _case(seqs, hq, hkv, d, page, gen, int8=False):
+    """Random caches (K/V stored through the kernel), permuted blocks, packed queries: the kernels'
+    six leading arguments, and the int8 cache's scales as keywords ({} without int8)."""
+    from llm_service.layers import attention
     from llm_service.layers import triton_attention as ta
 
     lens = [c + n for c, n in seqs]
@@ -37,24 +41,34 @@ def _case(seqs, hq, hkv, d, page, gen):
         perm = perm[n:]
     kc = torch.randn(num_blocks, page, hkv, d, generator=gen)
     vc = torch.randn(num_blocks, page, hkv, d, generator=gen)
+    scales = {}
+    if int8:  # random codes and scales where nothing is stored
+        kc, vc = ((x * 40).round().clamp(-127, 127).to(torch.int8) for x in (kc, vc))
+        scales = {name: torch.rand(num_blocks, page, hkv, generator=gen) + 0.1 for name in ("k_scale", "v_scale")}
     slots = torch.tensor([int(bt[b, p // page]) * page + p % page for b, L in enumerate(lens) for p in range(L)] + [-1])
     k = torch.randn(slots.shape[0], hkv, d, generator=gen)
     v = torch.randn(slots.shape[0], hkv, d, generator=gen)
+    k[0, 0] = 0  # a zero row: codes 0 and a positive scale in an int8 cache
     before = kc.clone()
-    ta.store_kvcache(k, v, kc, vc, slots)
-    assert torch.equal(kc.flatten(0, 1)[slots[:-1]], k[:-1]) and torch.equal(vc.flatten(0, 1)[slots[:-1]], v[:-1])
+    want = [x.clone() for x in (kc, vc, *scales.values())]
+    ta.store_kvcache(k, v, kc, vc, slots, **scales)
+    if int8:
+        attention.store_kvcache(k, v, *want[:2], slots, *want[2:])
+        assert all(torch.equal(got, ref) for got, ref in zip((kc, vc, *scales.values()), want)), "int8 store"
+    else:
+        assert torch.equal(kc.flatten(0, 1)[slots[:-1]], k[:-1]) and torch.equal(vc.flatten(0, 1)[slots[:-1]], v[:-1])
     untouched = torch.ones(kc.shape[0] * page, dtype=torch.bool)
     untouched[slots[:-1]] = False
     assert torch.equal(kc.flatten(0, 1)[untouched], before.flatten(0, 1)[untouched])  # slot -1 wrote nothing
     q = torch.randn(sum(n for _, n in seqs), hq, d, generator=gen)
     cu = torch.tensor([0] + [sum(n for _, n in seqs[: i + 1]) for i in range(len(seqs))], dtype=torch.int32)
-    return q, kc, vc, bt, cu, torch.tensor(lens, dtype=torch.int32)
+    return (q, kc, vc, bt, cu, torch.tensor(lens, dtype=torch.int32)), scales
 
 
-def _reference(q, kc, vc, bt, cu, lens, scale):
+def _reference(q, kc, vc, bt, cu, lens, scale, **scales):
     from llm_service.layers.attention import paged_attention
 
-    ref = paged_attention(q, kc, vc, bt, cu, lens, scale)
+    ref = paged_attention(q, kc, vc, bt, cu, lens, scale, **scales)
     for b in range(lens.shape[0]):
         if int(lens[b]) == 0:
             ref[int(cu[b]): int(cu[b + 1])] = 0  # no keys: the kernels give 0 (SDPA over nothing is NaN)
@@ -68,20 +82,60 @@ def _check(name, out, ref):
     return ok
 
 
-def _split_checks(name, run, args, ref, max_q, runs):
+def _split_checks(name, run, args, ref, max_q, runs, **scales):
     """The split kernel at each (splits, fold), against the reference and, with EARLY flipped from
     its default (on with more than one split), bitwise against itself."""
     from llm_service.layers import triton_attention as ta
 
     oks = []
     for splits, fold in runs:
-        out = run(ta._split_k, args, max_q, num_splits=splits, fold=fold, block_n=16)
-        flipped = run(ta._split_k, args, max_q, num_splits=splits, fold=fold, block_n=16, early=splits == 1)
+        out = run(ta._split_k, args, max_q, num_splits=splits, fold=fold, block_n=16, **scales)
+        flipped = run(ta._split_k, args, max_q, num_splits=splits, fold=fold, block_n=16, early=splits == 1,
+                      **scales)
         oks.append(_check(f"{name} splits={splits} fold={fold}", out, ref))
         same = torch.equal(out, flipped)
         print(f"{'ok  ' if same else 'FAIL'} early={splits == 1} bitwise as its default  {name} splits={splits}",
               flush=True)
         oks.append(same)
+    return oks
+
+
+def _int8_checks(gen, run, hq, hkv, d, page, scale) -> list[bool]:
+    """quant_policy=8: rotary + store against rotary + store into a float cache, then the
+    reference's quantize_kv (bit for bit); the kernels against the reference (_case checks the
+    plain store's codes and scales)."""
+    from llm_service.layers import triton_attention as ta
+    from llm_service.layers.attention import quantize_kv
+    from llm_service.layers.rotary import RotaryEmbedding
+
+    T = 12
+    q, k, v = (torch.randn(T, h, d, generator=gen) for h in (hq, hkv, hkv))
+    rope = RotaryEmbedding(d, 64, {"rope_theta": 10000.0})(torch.randint(0, 64, (T,), generator=gen))
+    slots = torch.randperm(4 * page, generator=gen)[:T]
+    slots[3] = -1
+    floats = [torch.zeros(4, page, hkv, d) for _ in range(2)]
+    codes = [torch.zeros(4, page, hkv, d, dtype=torch.int8) for _ in range(2)]
+    scales = [torch.zeros(4, page, hkv) for _ in range(2)]
+    q_float = ta.rope_store(q, k, v, rope, *floats, slots)
+    same = torch.equal(ta.rope_store(q, k, v, rope, *codes, slots, *scales), q_float)
+    keep = slots[slots >= 0]
+    for c, cs, f in zip(codes, scales, floats):
+        want_codes, want_scales = quantize_kv(f.flatten(0, 1)[keep])
+        same &= torch.equal(c.flatten(0, 1)[keep], want_codes) and torch.equal(cs.flatten(0, 1)[keep], want_scales)
+        same &= int((cs > 0).sum()) == keep.shape[0] * hkv  # slot -1 wrote nothing
+    print(f"{'ok  ' if same else 'FAIL'} int8 rope_store: quantize_kv of the float cache's K/V, bit for bit", flush=True)
+    oks = [same]
+
+    args, scales = _case([(0, 9), (40, 20)], hq, hkv, d, page, gen, int8=True)  # asserts the store's bits
+    ref = _reference(*args, scale, **scales)
+    oks.append(_check("int8 prefill kernel", run(ta._prefill, args, 20, **scales), ref))
+    args, scales = _case([(70, 16), (33, 1), (24, 40)], hq, hkv, d, page, gen, int8=True)
+    ref = _reference(*args, scale, **scales)
+    oks += _split_checks("int8 short prefill", run, args, ref, 40, ((3, True),), **scales)
+    args, scales = _case([(0, 1), (129, 1), (4, 1)], hq, hkv, d, page, gen, int8=True)
+    ref = _reference(*args, scale, **scales)
+    oks += _split_checks("int8 decode", run, args, ref, 1, ((1, True), (4, False)), **scales)
+    oks.append(_check("int8 decode via paged_attention", ta.paged_attention(*args, scale, **scales), ref))
     return oks
 
 
@@ -98,24 +152,25 @@ def _main() -> int:
         kernel(*args[:6], scale, out, max_q, **knobs)
         return out
 
-    args = _case([(0, 9), (16, 7), (33, 1), (40, 20)], hq, hkv, d, page, gen)
+    args, _ = _case([(0, 9), (16, 7), (33, 1), (40, 20)], hq, hkv, d, page, gen)
     ref = _reference(*args, scale)
     oks.append(_check("prefill kernel", run(ta._prefill, args, 20), ref))
 
     # short prefills: no prefix, prefixes, a decode row, no queries, one old tile and then three
     # holding new queries (24, 40), PrefillGraphs' padding last
-    args = _case([(0, 9), (70, 16), (33, 1), (40, 0), (24, 40), (0, 12)], hq, hkv, d, page, gen)
+    args, _ = _case([(0, 9), (70, 16), (33, 1), (40, 0), (24, 40), (0, 12)], hq, hkv, d, page, gen)
     args[5][-1] = 0
     ref = _reference(*args, scale)
     oks += _split_checks("short prefill", run, args, ref, 40, ((1, True), (3, True), (3, False), (8, True), (8, False)))
 
     # decode: a padding row, first tiles of old keys only and first tiles holding the new key
     # (length 5; the last split of lengths 17 and 130)
-    args = _case([(0, 1), (16, 1), (129, 1), (4, 1)], hq, hkv, d, page, gen)
+    args, _ = _case([(0, 1), (16, 1), (129, 1), (4, 1)], hq, hkv, d, page, gen)
     args[5][0] = 0
     ref = _reference(*args, scale)
     oks += _split_checks("decode", run, args, ref, 1, ((1, True), (4, True), (4, False), (16, True)))
     oks.append(_check("decode via paged_attention", ta.paged_attention(*args, scale), ref))
+    oks += _int8_checks(gen, run, hq, hkv, d, page, scale)
 
     counters_zero = all(not c.any() for c in ta._COUNTERS.values()) and bool(ta._COUNTERS)
     print(f"{'ok  ' if counters_zero else 'FAIL'} fold counters back to 0", flush=True)

@@ -4,7 +4,8 @@ rotary + KV-store epilogue against rope_store of the plain GEMV's q, k, v (GQA, 
 rows, heads that straddle a program's rows). Both must give the same bits, for one row of x (the
 tl.sum path) and 2..8 rows (tl.dot), with N not a multiple of the rows a program owns and K not a
 multiple of the K slice; and Llama's MLP and attention, which take them for up to EPILOGUE_ROWS
-rows, must give the bits of their unfused paths.
+rows, must give the bits of their unfused paths (attention over an int8 cache takes the plain
+GEMV and rope_store, which stores quantize_kv of the K/V the fused kernel stores).
 
 One caveat of the interpreter: its tl.dot is numpy's matmul, whose sum for an output column
 depends on where in the tile the column sits, and the fused kernels move rows (up row j sits
@@ -121,9 +122,9 @@ def _qkv(gen) -> list[bool]:
 def _llama_layers(gen) -> list[bool]:
     """LlamaMLP and LlamaAttention with kernels on: up to EPILOGUE_ROWS rows take the fused GEMVs and
     give the bits of the unfused launches (more rows take the plain GEMV), and the caches hold the same K/V (shapes where the interpreter's positions
-    agree: intermediate 64, head_dim 64)."""
+    agree: intermediate 64, head_dim 64); one row over an int8 cache takes the plain GEMV."""
     from llm_service.layers import triton_gemv
-    from llm_service.layers.attention import AttentionMetadata
+    from llm_service.layers.attention import AttentionMetadata, kv_cache, quantize_kv
     from llm_service.layers.rotary import RotaryEmbedding
     from llm_service.models.llama import LlamaArgs, LlamaAttention, LlamaMLP
 
@@ -170,6 +171,25 @@ def _llama_layers(gen) -> list[bool]:
         same = torch.equal(fused, attn.o_proj(o.flatten(1))) and torch.equal(k_fused, kc) and torch.equal(v_fused, vc)
         same = same and taken
         oks.append(_report(f"LlamaAttention, {rows} rows: {want}, bits of the unfused path", same))
+
+    x = torch.randn(1, a.hidden_size, generator=gen)
+    meta = AttentionMetadata(slot_mapping=torch.tensor([10]), seq_lens=torch.tensor([7], dtype=torch.int32),
+                             block_tables=torch.tensor([[1, 2]], dtype=torch.int32),
+                             cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32), max_q_len=1)
+    rope = rotary(torch.tensor([6]))
+    attn.attn.k_cache, attn.attn.v_cache = torch.zeros(4, 4, 2, a.head_dim), torch.zeros(4, 4, 2, a.head_dim)
+    attn(rope, x, meta)  # one row: the fused kernel
+    floats = attn.attn.k_cache, attn.attn.v_cache
+    attn.attn.k_cache, attn.attn.k_scale = kv_cache(4, 4, 2, a.head_dim, torch.float32, torch.device("cpu"), True)
+    attn.attn.v_cache, attn.attn.v_scale = kv_cache(4, 4, 2, a.head_dim, torch.float32, torch.device("cpu"), True)
+    calls.clear()
+    attn(rope, x, meta)
+    same = calls == ["plain", "plain"]
+    for f, c, sc in zip(floats, (attn.attn.k_cache, attn.attn.v_cache), (attn.attn.k_scale, attn.attn.v_scale)):
+        codes, scales = quantize_kv(f.flatten(0, 1)[10])
+        same &= torch.equal(c.flatten(0, 1)[10], codes) and torch.equal(sc.flatten(0, 1)[10], scales)
+    oks.append(_report("LlamaAttention, 1 row, int8 cache: ['plain', 'plain'], quantize_kv of the fused "
+                       "kernel's K/V", same))
     return oks
 
 

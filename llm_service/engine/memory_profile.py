@@ -15,7 +15,7 @@ import torch
 from llm_service.engine.sampler import SamplingBatch, sample
 from llm_service.engine.sampling_params import SamplingParams
 from llm_service.engine.sequence import Sequence
-from llm_service.layers.attention import Attention, AttentionMetadata
+from llm_service.layers.attention import Attention, AttentionMetadata, kv_cache
 from llm_service.models.llama import LlamaForCausalLM
 
 
@@ -29,16 +29,19 @@ def free_memory_after_peak_step(
     max_position: int,
     dtype: torch.dtype,
     device: torch.device,
+    kv_int8: bool,
 ) -> int:
     """Free device bytes once a step of `max_tokens` tokens and a sampler pass over
-    `max_batch_size` rows have run. The layers borrow a one-block zero cache: every token is
-    stored to slot -1 (skipped) and attends to that block, so the outputs are zeros, not NaN."""
+    `max_batch_size` rows have run. The layers borrow a one-block zero cache in the engine's
+    format (int8 codes and scales with kv_int8): every token is stored to slot -1 (skipped)
+    and attends to that block, so the outputs are zeros, not NaN."""
     gc.collect()
     torch.cuda.empty_cache()  # what earlier engines in this process left cached is free for us
     a = attention[0]
-    scratch = torch.zeros(1, block_size, a.num_kv_heads, a.head_dim, dtype=dtype, device=device)
+    scratch, scales = kv_cache(1, block_size, a.num_kv_heads, a.head_dim, dtype, device, kv_int8)
     for attn in attention:
         attn.k_cache = attn.v_cache = scratch
+        attn.k_scale = attn.v_scale = scales
     i32 = dict(dtype=torch.int32, device=device)
     meta = AttentionMetadata(
         slot_mapping=torch.full((max_tokens,), -1, dtype=torch.int64, device=device),
@@ -58,7 +61,8 @@ def free_memory_after_peak_step(
     del logits
     for attn in attention:
         attn.k_cache = attn.v_cache = torch.empty(0)
-    del scratch
+        attn.k_scale = attn.v_scale = None
+    del scratch, scales
     torch.cuda.synchronize(device)
     free, _ = torch.cuda.mem_get_info(device)
     return free

@@ -19,7 +19,7 @@ from llm_service.distributed.step import PackedStep, StepInputs, send_step
 from llm_service.engine.cuda_graph import DecodeGraphs, PrefillGraphs, graphs_enabled
 from llm_service.engine.memory_profile import free_memory_after_peak_step
 from llm_service.engine.scheduler import Scheduled
-from llm_service.layers.attention import Attention
+from llm_service.layers.attention import Attention, kv_bytes_per_token, kv_cache
 from llm_service.models.llama import LlamaForCausalLM
 from llm_service.models.loader import ModelSpec, load_model
 
@@ -36,6 +36,7 @@ class ModelRunner:
     ):
         self.spec, self.dtype, self.device = spec, dtype, device
         self.block_size = config.block_size
+        self.kv_int8 = config.quant_policy == 8  # every rank reads it from the same config
         self.model: LlamaForCausalLM = load_model(spec, dtype, device, session_len)
         self.attention = [m for m in self.model.modules() if isinstance(m, Attention)]
         # Triton kernels for attention, norms, activation and decode GEMVs (every module that has one)
@@ -44,10 +45,10 @@ class ModelRunner:
         )
         self.num_blocks = min_over_ranks(self._num_blocks(config, session_len, max_batch_size), device)
         a = self.attention[0]
-        shape = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        cache = (self.num_blocks, self.block_size, a.num_kv_heads, a.head_dim, dtype, device, self.kv_int8)
         for attn in self.attention:
-            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.k_cache, attn.k_scale = kv_cache(*cache)
+            attn.v_cache, attn.v_scale = kv_cache(*cache)
         eager = getattr(config, "eager_mode", False)  # PytorchEngineConfig's switch
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
@@ -64,7 +65,7 @@ class ModelRunner:
 
     def _block_bytes(self) -> int:
         a = self.attention[0]
-        per_token = 2 * len(self.attention) * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        per_token = 2 * len(self.attention) * kv_bytes_per_token(a.num_kv_heads, a.head_dim, self.dtype, self.kv_int8)
         return per_token * self.block_size
 
     def _num_blocks(self, config: EngineConfig, session_len: int, max_batch_size: int) -> int:
@@ -78,7 +79,7 @@ class ModelRunner:
             return max(1, math.ceil(tokens / self.block_size))
         free = free_memory_after_peak_step(
             self.model, self.attention, self.block_size, config.max_prefill_token_num + max_batch_size,
-            max_batch_size, session_len, self.dtype, self.device,
+            max_batch_size, session_len, self.dtype, self.device, self.kv_int8,
         )
         num = int(free * config.cache_max_entry_count // self._block_bytes())
         if num < 1:

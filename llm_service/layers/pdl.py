@@ -9,7 +9,8 @@ kernels are launched with `launch_pdl=True` and, in the kernel (`PDL: tl.constex
   still reads (activations, caches, metadata), except what no kernel of the forward writes:
   weights (the GEMV starts streaming its weight slice while the previous kernel finishes), and
   in the split attention kernel the step's metadata (written by copies before the forward) and
-  the K/V of positions cached before this step (its predecessor writes only this step's).
+  the K/V (and an int8 cache's scales) of positions cached before this step (its predecessor
+  writes only this step's).
 The wait blocks until the previous grid has completed and flushed, and that grid itself waited
 for its own predecessor, so ordering stays transitive. Kernels without PDL (cuBLAS, torch ops,
 the all-reduce) keep the stream's usual full serialisation on both sides.

@@ -3,6 +3,10 @@
 Same semantics as the CPU reference in `attention.py`:
 - caches are `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * block_size + offset,
   and slot -1 is skipped (padded tokens under CUDA graphs);
+- an int8 cache (quant_policy=8) comes with float32 scales `[num_blocks, block_size, num_kv_heads]`:
+  the store quantizes each (token, kv head) row as `quantize_kv` does and the attention kernels
+  read `dequantize_kv`'s values, both op for op (QUANT, a constexpr: the 16/32-bit path is the
+  code it was);
 - sequences are packed: query j of sequence b sits at absolute position
   `seq_lens[b] - q_len_b + j` and attends causally to cached keys 0..that position;
 - GQA: query head h reads kv head `h // (Hq // Hkv)`.
@@ -77,20 +81,52 @@ if AVAILABLE:
         return o1.to(DT), o2.to(DT)
 
     @triton.jit
+    def _code(x, scale):
+        """round(x / scale) half to even, clamped to [-127, 127], as int8. Adding and subtracting
+        1.5 * 2^23 rounds an fp32 under 2^22 in magnitude to an integer, ties to even (libdevice's
+        rint has no twin in the interpreter); div_rn: IEEE division, as torch's."""
+        r = tl.math.div_rn(x, scale)
+        r = (r + 12582912.0) - 12582912.0
+        return tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8)
+
+    @triton.jit
+    def _store_int8(dst, scale_dst, x1, x2, mask, row_mask, HALF: tl.constexpr):
+        """Rows [x1 | x2] (head_dim's two halves, a row per kv head) stored as attention.py's
+        quantize_kv stores them: int8 codes at dst, the fp32 scale max|x| / 127 (1 for a zero
+        row) at scale_dst."""
+        x1 = tl.where(mask, x1.to(tl.float32), 0.0)
+        x2 = tl.where(mask, x2.to(tl.float32), 0.0)
+        amax = tl.maximum(tl.max(tl.abs(x1), 1), tl.max(tl.abs(x2), 1))
+        scale = tl.math.div_rn(amax, 127.0)[:, None]
+        scale = tl.where(scale > 0, scale, 1.0)
+        tl.store(dst, _code(x1, scale), mask=mask)
+        tl.store(dst + HALF, _code(x2, scale), mask=mask)
+        tl.store(scale_dst, scale, mask=row_mask)
+
+    @triton.jit
+    def _dequant(codes, scale, DT: tl.constexpr):
+        """attention.py's dequantize_kv of a tile: codes x row scale in fp32, rounded once to DT."""
+        return (codes.to(tl.float32) * scale[:, None]).to(DT)
+
+    @triton.jit
     def _rope_store_kernel(
         q_ptr, k_ptr, v_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr,
         stride_qt, stride_qh, stride_qot, stride_qoh, stride_kt, stride_kh, stride_vt, stride_vh,
-        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, stride_rope,
+        stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+        ks_ptr, vs_ptr, stride_sb, stride_ss, stride_sh, stride_rope,
         HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, PAGE: tl.constexpr, ROPE: tl.constexpr,
-        BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
+        QUANT: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Token t: (with ROPE) q rotated into q_out; k (rotated with ROPE) and v stored at
-        slot_mapping[t] unless that is -1. One program per token, both halves of head_dim."""
+        slot_mapping[t] unless that is -1. One program per token, both halves of head_dim.
+        QUANT: int8 caches; k and v are rounded to their own dtype, as the 16-bit cache would
+        hold them, then quantized per kv head (scales at ks_ptr / vs_ptr)."""
         t = tl.program_id(0).to(tl.int64)
         _pdl_start(PDL)
         d = tl.arange(0, BLOCK_HALF)[None, :]
         d_ok = d < HALF
-        DT = kc_ptr.dtype.element_ty
+        DT = k_ptr.dtype.element_ty if QUANT else kc_ptr.dtype.element_ty  # the dtype of the cached values
         if ROPE:
             pos = tl.load(pos_ptr + t).to(tl.int64)
             c1 = tl.load(cos_ptr + pos * stride_rope + d, mask=d_ok, other=0.0).to(DT).to(tl.float32)
@@ -117,10 +153,16 @@ if AVAILABLE:
             v_src = v_ptr + t * stride_vt + hk * stride_vh + d
             kc = kc_ptr + page * stride_kcb + off * stride_kcs + hk * stride_kch + d
             vc = vc_ptr + page * stride_vcb + off * stride_vcs + hk * stride_vch + d
-            tl.store(kc, k1.to(DT), mask=kv_ok)
-            tl.store(kc + HALF, k2.to(DT), mask=kv_ok)
-            tl.store(vc, tl.load(v_src, mask=kv_ok).to(DT), mask=kv_ok)
-            tl.store(vc + HALF, tl.load(v_src + HALF, mask=kv_ok).to(DT), mask=kv_ok)
+            if QUANT:
+                row = page * stride_sb + off * stride_ss + hk * stride_sh
+                _store_int8(kc, ks_ptr + row, k1.to(DT), k2.to(DT), kv_ok, hk < HKV, HALF)
+                _store_int8(vc, vs_ptr + row, tl.load(v_src, mask=kv_ok).to(DT),
+                            tl.load(v_src + HALF, mask=kv_ok).to(DT), kv_ok, hk < HKV, HALF)
+            else:
+                tl.store(kc, k1.to(DT), mask=kv_ok)
+                tl.store(kc + HALF, k2.to(DT), mask=kv_ok)
+                tl.store(vc, tl.load(v_src, mask=kv_ok).to(DT), mask=kv_ok)
+                tl.store(vc + HALF, tl.load(v_src + HALF, mask=kv_ok).to(DT), mask=kv_ok)
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -140,14 +182,22 @@ if AVAILABLE:
         return offs_n, n_mask, page, offs_n % PAGE
 
     @triton.jit
-    def _load_kv(k_base, v_base, page, off, n_mask, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs):
+    def _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
+                 stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+                 QUANT: tl.constexpr, DT: tl.constexpr):
         """The K and V tiles of those keys (0 where masked), both loads issued before either is
-        used: V's does not wait behind the QK product where the loads are not pipelined."""
+        used: V's does not wait behind the QK product where the loads are not pipelined.
+        QUANT: int8 codes and their scales (K's and V's at the same strides), dequantized to DT."""
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + page[:, None] * stride_kb + off[:, None] * stride_ks + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         v = tl.load(v_base + page[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :],
                     mask=kv_mask, other=0.0)
+        if QUANT:
+            row = page * stride_sb + off * stride_ss
+            k_scale = tl.load(ks_base + row, mask=n_mask, other=0.0)
+            v_scale = tl.load(vs_base + row, mask=n_mask, other=0.0)
+            k, v = _dequant(k, k_scale, DT), _dequant(v, v_scale, DT)
         return k, v
 
     @triton.jit
@@ -163,12 +213,13 @@ if AVAILABLE:
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
     @triton.jit
-    def _attend_tile(q, pos, m_i, l_i, acc, n0, n_end, k_base, v_base, bt_row, offs_d, d_mask, qk_scale,
-                     stride_kb, stride_ks, stride_vb, stride_vs,
-                     PAGE: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _attend_tile(q, pos, m_i, l_i, acc, n0, n_end, k_base, v_base, ks_base, vs_base, bt_row, offs_d, d_mask,
+                     qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+                     PAGE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr, BLOCK_N: tl.constexpr):
         """Load and attend the paged keys n0..n0+BLOCK_N (those < n_end) of one kv head."""
         offs_n, n_mask, page, off = _tile_pages(bt_row, n0, n_end, PAGE, BLOCK_N)
-        k, v = _load_kv(k_base, v_base, page, off, n_mask, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs)
+        k, v = _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
+                        stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, QUANT, q.dtype)
         return _softmax_step(q, pos, m_i, l_i, acc, k, v, offs_n, n_mask, qk_scale, IEEE)
 
     @triton.jit
@@ -182,9 +233,10 @@ if AVAILABLE:
     def _prefill_kernel(
         q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, cu_ptr, lens_ptr, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        ks_ptr, vs_ptr, stride_sb, stride_ss, stride_sh, stride_bt,
+        GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
+        PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program: BLOCK_M queries of one sequence and one query head."""
         mblk = tl.program_id(0)
@@ -213,8 +265,8 @@ if AVAILABLE:
         for n0 in range(0, kv_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, pos, m_i, l_i, acc, n0, kv_end, kc_ptr + kvh * stride_kh, vc_ptr + kvh * stride_vh,
-                bt_ptr + b * stride_bt, offs_d, offs_d < D, qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                PAGE, IEEE, BLOCK_N)
+                ks_ptr + kvh * stride_sh, vs_ptr + kvh * stride_sh, bt_ptr + b * stride_bt, offs_d, offs_d < D,
+                qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N)
         _write_out(o_ptr, q_start + offs_m, h + tl.zeros([BLOCK_M], tl.int32), offs_d, mask, acc, l_i,
                    stride_ot, stride_oh)
 
@@ -265,9 +317,10 @@ if AVAILABLE:
         q_ptr, kc_ptr, vc_ptr, o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr,
         bt_ptr, cu_ptr, lens_ptr, qk_scale, num_splits, num_q_heads,
         stride_qt, stride_qh, stride_ot, stride_oh,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        ks_ptr, vs_ptr, stride_sb, stride_ss, stride_sh, stride_bt,
         GROUP: tl.constexpr, CHUNKS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
-        SPLIT: tl.constexpr, FOLD: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
+        QUANT: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program: BLOCK_H query heads of one kv head x the (up to BLOCK_Q) queries of one
@@ -289,10 +342,11 @@ if AVAILABLE:
         writes: cu_seqlens, seq_lens and the block table (filled before the forward by copies and
         torch ops, which launch without PDL and so finish before any later kernel starts) and,
         with EARLY, its first tile's block-table entries and, if the tile holds only keys older
-        than this step (positions < seq_len - q_len), its K and V. Those were stored by earlier
-        forwards: in this one, the kernel before attention (rope_store, or the QKV GEMV with its
-        rope epilogue) writes q and this step's K/V at slot_mapping only, and the kernels further
-        back that PDL lets overlap write activations and other layers' caches. q, a first tile
+        than this step (positions < seq_len - q_len), its K and V (and an int8 cache's scales of
+        them). Those were stored by earlier forwards: in this one, the kernel before attention
+        (rope_store, or the QKV GEMV with its rope epilogue) writes q and this step's K/V at
+        slot_mapping only, and the kernels further back that PDL lets overlap write activations
+        and other layers' caches. q, a first tile
         holding any of this step's keys (in decode the last active split's), the later tiles, the
         partials and the counters (reset by earlier attention launches) are read after the wait;
         every program waits before returning, also those with nothing to do. So
@@ -318,15 +372,18 @@ if AVAILABLE:
         d_mask = offs_d < D
         k_base = kc_ptr + kvh * stride_kh
         v_base = vc_ptr + kvh * stride_vh
+        ks_base = ks_ptr + kvh * stride_sh
+        vs_base = vs_ptr + kvh * stride_sh
         bt_row = bt_ptr + b * stride_bt
         if EARLY:  # read before the wait: see above
             offs_n, n_mask, page, off = _tile_pages(bt_row, start, end, PAGE, BLOCK_N)
             cached = (q_len > 0) & (split < active) & (tl.minimum(start + BLOCK_N, end) <= seq_len - q_len)
-            k = tl.zeros([BLOCK_N, BLOCK_D], kc_ptr.dtype.element_ty)
-            v = tl.zeros([BLOCK_N, BLOCK_D], vc_ptr.dtype.element_ty)
+            k = tl.zeros([BLOCK_N, BLOCK_D], q_ptr.dtype.element_ty if QUANT else kc_ptr.dtype.element_ty)
+            v = tl.zeros([BLOCK_N, BLOCK_D], q_ptr.dtype.element_ty if QUANT else vc_ptr.dtype.element_ty)
             if cached:  # loaded in an `if`: Triton then copies K to shared memory after V's load, not before
-                k, v = _load_kv(k_base, v_base, page, off, n_mask, offs_d, d_mask,
-                                stride_kb, stride_ks, stride_vb, stride_vs)
+                k, v = _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
+                                stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+                                QUANT, q_ptr.dtype.element_ty)
         _pdl_wait(PDL)
         if q_len == 0:
             return
@@ -347,8 +404,8 @@ if AVAILABLE:
                 first += BLOCK_N
         for n0 in range(first, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                q, pos, m_i, l_i, acc, n0, end, k_base, v_base, bt_row, offs_d, d_mask, qk_scale,
-                stride_kb, stride_ks, stride_vb, stride_vs, PAGE, IEEE, BLOCK_N)
+                q, pos, m_i, l_i, acc, n0, end, k_base, v_base, ks_base, vs_base, bt_row, offs_d, d_mask, qk_scale,
+                stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N)
 
         if SPLIT:
             if active > 1:
@@ -410,20 +467,24 @@ def _sm_count(device: torch.device) -> int:
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Write k, v `[T, Hkv, D]` into the caches at `slot_mapping` (int64 `[T]`; -1 skips)."""
-    _rope_store(None, k, v, None, k_cache, v_cache, slot_mapping)
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
+    """Write k, v `[T, Hkv, D]` into the caches at `slot_mapping` (int64 `[T]`; -1 skips);
+    with scales, into int8 caches as quantize_kv's codes and scales."""
+    _rope_store(None, k, v, None, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+               k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding and cache write in one launch: returns q `[T, Hq, D]` rotated, and
-    stores k (rotated) and v at `slot_mapping`. rope: the cos and sin tables and the positions,
-    fp32 `[max_positions, D]` tables and int64 positions `[T]`."""
-    return _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping)
+    stores k (rotated) and v at `slot_mapping` (quantized with scales, as store_kvcache). rope:
+    the cos and sin tables and the positions, fp32 `[max_positions, D]` tables and int64
+    positions `[T]`."""
+    return _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping):
+def _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping, k_scale, v_scale):
     _require_triton()
     T, Hkv, D = k.shape
     if D % 2:
@@ -439,12 +500,13 @@ def _rope_store(q, k, v, rope, k_cache, v_cache, slot_mapping):
     if T == 0:
         return q_out
     Hq = q_in.shape[1]
+    scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
     _rope_store_kernel[(T,)](
         q_in, k, v, q_out, k_cache, v_cache, slot_mapping, positions, cos, sin,
         q_in.stride(0), q_in.stride(1), q_out.stride(0), q_out.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *_cache_strides(k_cache, v_cache), cos.stride(0) if q is not None else 0,
-        HQ=Hq, HKV=Hkv, HALF=D // 2, PAGE=k_cache.shape[1], ROPE=q is not None,
+        *_cache_strides(k_cache, v_cache), *scales, cos.stride(0) if q is not None else 0,
+        HQ=Hq, HKV=Hkv, HALF=D // 2, PAGE=k_cache.shape[1], ROPE=q is not None, QUANT=quant,
         BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HKV=triton.next_power_of_2(Hkv),
         BLOCK_HALF=triton.next_power_of_2(D // 2),
         enable_fp_fusion=False,  # a contracted multiply-add would skip the product's rounding
@@ -459,8 +521,10 @@ FOLD = True  # the last split program merges (no second launch); False: _merge_k
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                    scale: float, max_q_len: int | None = None) -> torch.Tensor:
+                    scale: float, max_q_len: int | None = None, k_scale: torch.Tensor | None = None,
+                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed queries `[T, Hq, D]` over the paged caches; returns `[T, Hq, D]`.
+    With scales the caches are int8 and the kernels read their dequantized values.
 
     Decode (`max_q_len == 1`, or `max_q_len is None` and T == B, which means every q_len is 1) and
     short prefills of few sequences over a wide block table take the split kernel; anything else
@@ -477,16 +541,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if max_q_len is None and T == B:
         max_q_len = 1
     if max_q_len == 1 or (max_q_len is not None and _use_split(q, k_cache, block_tables, max_q_len)):
-        _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len)
+        _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len,
+                 k_scale=k_scale, v_scale=v_scale)
     else:
         _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out,
-                 T if max_q_len is None else max_q_len)
+                 T if max_q_len is None else max_q_len, k_scale=k_scale, v_scale=v_scale)
     return out
 
 
 def _cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
     return (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2))
+
+
+def _scale_args(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                v_scale: torch.Tensor | None) -> tuple[tuple, bool]:
+    """(the kernels' scale pointers and strides by block, slot and head, QUANT): an int8 cache's
+    scales, or the caches as placeholders that QUANT off never reads."""
+    if k_scale is None and v_scale is None and k_cache.dtype != torch.int8:
+        return (k_cache, v_cache, 0, 0, 0), False
+    if (k_cache.dtype != torch.int8 or v_cache.dtype != torch.int8 or k_scale is None or v_scale is None
+            or k_scale.shape != k_cache.shape[:3] or k_scale.stride() != v_scale.stride()
+            or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32):
+        raise ValueError("an int8 KV cache [blocks, page, Hkv, D] needs float32 k_scale and v_scale "
+                         "[blocks, page, Hkv] of the same strides (and scales need an int8 cache)")
+    return (k_scale, v_scale, *k_scale.stride()), True
 
 
 def _launch_pdl(device: torch.device, on: bool | None) -> dict:
@@ -497,6 +576,7 @@ def _launch_pdl(device: torch.device, on: bool | None) -> dict:
 
 
 def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
              block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
              num_stages: int = 2, use_pdl: bool | None = None) -> None:
     """The general kernel; the keyword knobs exist for bench/kernels_check.py's sweeps."""
@@ -506,11 +586,12 @@ def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
     block_m = block_m or (32 if wide else 64)
     block_n = block_n or (32 if wide else 64)
     grid = (triton.cdiv(max_q_len, block_m), seq_lens.shape[0], Hq)
+    scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *_cache_strides(k_cache, v_cache), block_tables.stride(0),
-        GROUP=Hq // Hkv, D=D, PAGE=k_cache.shape[1], IEEE=q.dtype == torch.float32,
+        *_cache_strides(k_cache, v_cache), *scales, block_tables.stride(0),
+        GROUP=Hq // Hkv, D=D, PAGE=k_cache.shape[1], IEEE=q.dtype == torch.float32, QUANT=quant,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(D),
         num_warps=num_warps, num_stages=num_stages, **_launch_pdl(q.device, use_pdl),
     )
@@ -566,7 +647,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
-             num_splits: int | None = None, fold: bool | None = None, use_pdl: bool | None = None,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, num_splits: int | None = None, fold: bool | None = None, use_pdl: bool | None = None,
              early: bool | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
     """Split-K attention for decode (max_q_len 1) and short prefills; the keyword knobs exist
     for bench/kernels_check.py's sweeps (fold/use_pdl None: FOLD and pdl's defaults; early None:
@@ -592,12 +673,13 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
     counters = _counters(q.device, B * Hkv * chunks) if split and fold else out
     block_d = triton.next_power_of_2(D)
     launch = _launch_pdl(q.device, use_pdl)
+    scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
     _split_kernel[(B, Hkv * chunks, num_splits)](
         q, k_cache, v_cache, out, mpart, lpart, apart, counters,
         block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E, num_splits, Hq,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *_cache_strides(k_cache, v_cache), block_tables.stride(0),
-        GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
+        *_cache_strides(k_cache, v_cache), *scales, block_tables.stride(0),
+        GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32, QUANT=quant,
         SPLIT=split, FOLD=fold, EARLY=early, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )

@@ -263,10 +263,14 @@ def qkv_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """triton_attention.rope_store of (q, k, v) = gemv(x, weight, bias) split into heads, in one
     launch and with its bits: returns q [M, Hq, D] rotated, stores k (rotated) and v at
     slot_mapping (-1 skips). weight: [q heads; k heads; v heads] rows, as QKVParallelLinear's;
-    rope: rotate-half over the whole head_dim (rotary.py's tables), what rope_store applies."""
+    rope: rotate-half over the whole head_dim (rotary.py's tables), what rope_store applies.
+    Not for int8 caches (quant_policy=8): a head's scale needs its max over head_dim, whose
+    rows several programs own; those take gemv + rope_store."""
     M, K = x.shape
     x = _rows(x, weight)
     D = k_cache.shape[-1]
+    if k_cache.dtype == torch.int8:
+        raise ValueError("qkv_rope_store stores into 16/32-bit caches; an int8 cache takes gemv + rope_store")
     if D % 2 or weight.shape[0] != (num_heads + 2 * num_kv_heads) * D or rope.cos.shape[-1] != D:
         raise ValueError("qkv_rope_store: weight rows, cache and rope tables disagree on the heads")
     block_m, block_n, block_k, launch = _tiles(x, two=True)
