@@ -99,8 +99,9 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
         seen = logits.gather(1, b.history)
         pen = b.penalty[:, None]
         logits.scatter_(1, b.history, torch.where(seen < 0, seen * pen, seen / pen))
-    if b.banned is not None:
-        logits[b.banned] = float("-inf")
+    if b.banned is not None:  # a flat index_fill: indexing with (rows, ids) syncs with the host on CUDA
+        rows, ids = b.banned
+        logits.view(-1).index_fill_(0, rows * logits.shape[1] + ids, float("-inf"))
     return logits
 
 
