@@ -93,7 +93,8 @@ class _Buffers:
 
 class DecodeGraphs:
     """One captured decode graph per ladder size, sharing a memory pool and the buffers.
-    Build it after the KV cache exists: the graphs bake in the cache's addresses."""
+    Build it after the KV cache exists: the graphs bake in the addresses of the cache (and of
+    an int8 cache's scales, which the attention modules hold next to it)."""
 
     def __init__(self, model: LlamaForCausalLM, max_batch_size: int, max_blocks: int, device: torch.device):
         self.model = model
