@@ -193,4 +193,5 @@ def test_engine_bf16_int8_holds_more_blocks_and_frees_them(tiny_llava, prompts):
     vision, cases = prompts
     (blocks16, bytes16), (blocks8, bytes8) = (_bf16_run(tiny_llava, vision, cases, p) for p in (0, 8))
     assert bytes16 / bytes8 == pytest.approx(1.6)
-    assert blocks8 / blocks16 == pytest.approx(bytes16 / bytes8, rel=0.05)
+    # the two engines measure the free memory apart (10%: without the scales counted it would be 2x, 25% off)
+    assert blocks8 / blocks16 == pytest.approx(bytes16 / bytes8, rel=0.1)
