@@ -50,9 +50,9 @@ def test_quantize_round_trip_error_bound_and_zero_rows():
     nonzero = x.abs().amax(-1) > 0
     assert (codes.abs().amax(-1)[nonzero] == 127).all()  # the row's max uses the full range
     assert not codes[3, 1].any() and not dequantize_kv(codes, scale, torch.float32)[3, 1].any()
-    # |x - dequantized| <= scale / 2: x / scale is rounded once in fp32 (|x / scale| <= 127, so off
-    # by at most 127 * 2^-24 < 2^-16 of a code) before it is rounded to a code
-    err = (x.double() - codes.double() * scale.double()[..., None]).abs()
+    # |x - dequantized| <= scale / 2, give or take two fp32 roundings (x / scale before it is rounded
+    # to a code, and code * scale), each under 127 * 2^-24 of a code: together under 2^-16
+    err = (x.double() - dequantize_kv(codes, scale, torch.float32).double()).abs()
     assert (err <= scale.double()[..., None] * (0.5 + 2**-16)).all()
     # bf16 K/V: quantized from their fp32 values; dequantized back to the query's dtype
     xb = x.bfloat16()
