@@ -663,6 +663,13 @@ def profile_w1(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
 
     gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)
     _profiled("w1", lambda: stream(pipe, [inputs.w1[0]], gen), out)
+    text, image = inputs.w1[0]
+    with Stamps(TTFT_STAMPS + VISION_STAMPS) as stamps:
+        for i in range(3):  # a new image each time: the first id waits for the vision tier
+            stamps.clear()
+            traces, _, start = stream(pipe, [(text, make_image(7000 + i, image.size))], gen)
+            print(f"[bench] W1 new image, first id at {1e3 * traces[0].first:.2f} ms: {stamps.since(start, 24)}",
+                  flush=True)
 
 
 def profile_w3(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
@@ -698,6 +705,17 @@ TTFT_STAMPS = [
     ("llm_service.engine.llm_engine", "LLMEngine", "_sample"),
     ("llm_service.engine.llm_engine", "LLMEngine", "_complete"),
     ("llm_service.engine.async_engine", "AsyncLLMEngine", "_flush"),
+]
+
+
+VISION_STAMPS = [
+    ("vision_service.engine", "VisionEngine", "encode"),
+    ("vision_service.engine", "VisionEngine", "_prepare"),
+    ("vision_service.engine", "VisionEngine", "_launch"),
+    ("vision_service.engine", "VisionEngine", "_finish"),
+    ("vision_service.engine", "VisionEngine", "_to_host"),
+    ("llm_service.engine.model_runner", None, "_stage_rows"),
+    ("llm_service.engine.model_runner", "ModelRunner", "forward"),
 ]
 
 
