@@ -632,9 +632,9 @@ def w3_multiturn(pipe, inputs: Inputs, counts: Counts) -> dict:
             "turns_ms": [[round(1e3 * a, 1), round(1e3 * b, 1)] for a, b in zip(first, second)]}
 
 
-def _profiled(name: str, run, out: Path) -> None:
+def _profiled(name: str, run, out: Path, timeline: bool = True) -> None:
     """`run()` under torch.profiler: kernels by device time and host ops by host time,
-    printed and written to OUT/profile_{name}.txt."""
+    printed and written to OUT/profile_{name}.txt (and the timeline, unless too long to keep)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -649,12 +649,14 @@ def _profiled(name: str, run, out: Path) -> None:
     tables.append(events.table(sort_by="self_cpu_time_total", row_limit=25))
     text = "\n\n".join(tables)
     (out / f"profile_{name}.txt").write_text(text)
+    print(text, flush=True)
+    if not timeline:
+        return
     trace = out / f"profile_{name}.json"
     prof.export_chrome_trace(str(trace))  # the timeline: host gaps between the GPU's work
     with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
         shutil.copyfileobj(raw, packed)
     trace.unlink()
-    print(text, flush=True)
 
 
 def profile_w1(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
@@ -670,6 +672,16 @@ def profile_w1(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
             traces, _, start = stream(pipe, [(text, make_image(7000 + i, image.size))], gen)
             print(f"[bench] W1 new image, first id at {1e3 * traces[0].first:.2f} ms: {stamps.since(start, 24)}",
                   flush=True)
+
+
+def profile_w2(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
+    """W2 once more under the profiler (kernel totals only: its timeline is ~100k events): where
+    the whole workload's GPU time goes, prefill GEMMs against decode attention and the rest."""
+    from gateway import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=counts.new_tokens, ignore_eos=True)
+    prompts = [(text, make_image(9000 + i, image.size)) for i, (text, image) in enumerate(inputs.w2)]  # uncached
+    _profiled("w2", lambda: stream(pipe, prompts, gen), out, timeline=False)
 
 
 def profile_w3(pipe, inputs: Inputs, counts: Counts, out: Path) -> None:
@@ -799,6 +811,9 @@ def run_prism(report: Report, path: Path, args, counts: Counts, inputs: Inputs, 
                                                           embedded_llm_reader(pipe)))
             with report.stage("prism.vision"):
                 report.put("prism.vision", vision_alone(pipe, inputs))
+            if args.profile:
+                with report.stage("prism.profile_w2"):
+                    profile_w2(pipe, inputs, counts, args.out)
         if "W3" in args.workloads:
             with report.stage("prism.W3"):
                 report.put("prism.W3", w3_multiturn(pipe, inputs, counts))
@@ -1132,7 +1147,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers (and the bf16 logits check)")
     parser.add_argument("--hf-modes", default="eager,compile", help="transformers paths to time")
     parser.add_argument("--skip-tiny-check", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="also profile one W1 request and W3's turn 2 (kernels by device time, host ops by host time)")
+    parser.add_argument("--profile", action="store_true", help="also profile one W1 request, W2 again and W3's turn 2 (kernels by device time, host ops by host time)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and small counts (CPU smoke test)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--ckpt-root", type=Path, default=Path(os.environ.get("PRISM_BENCH_CKPT", "/tmp/prism-bench")),
