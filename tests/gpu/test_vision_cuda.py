@@ -38,3 +38,29 @@ def test_cuda_engine_matches_cpu_engine(tiny_llava, monkeypatch):
         assert a.embedding.device == CPU and a.embedding.dtype == torch.float32
         torch.testing.assert_close(a.embedding, b.embedding, rtol=0, atol=1e-4)
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_small_batches_replay_graphs(tiny_llava, monkeypatch):
+    """Batches of up to 8 images replay a graph captured for the smallest size that holds them
+    (padded with the previous batch's rows) and give the eager module's embeddings; larger
+    batches, and PRISM_EAGER=1, run eagerly."""
+    from vision_service.graphs import SIZES, GraphedForward
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=16, device="cuda", dtype="float32"))
+    try:
+        model = engine.model
+        assert isinstance(model.forward, GraphedForward) and sorted(model.forward.graphs) == list(SIZES)
+        generator = torch.Generator("cuda").manual_seed(0)
+        for n in (1, 3, 8, 11, 2):
+            pixels = torch.randn(n, 3, model.image_size, model.image_size, device="cuda", generator=generator)
+            torch.testing.assert_close(model.forward(pixels), model.module(pixels), rtol=1e-4, atol=1e-4)
+    finally:
+        engine.close()
+    monkeypatch.setenv("PRISM_EAGER", "1")
+    engine = VisionEngine(str(tiny_llava), VisionConfig(device="cuda", dtype="float32"))
+    try:
+        assert engine.model.forward is engine.model.module
+    finally:
+        engine.close()

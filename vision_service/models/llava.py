@@ -8,7 +8,7 @@ config.json with transformers' defaults, so hub configs that omit fields work.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from vision_service.checkpoint import Checkpoint
+from vision_service.graphs import GraphedForward, graphs_wanted
 from vision_service.models.base import PreparedImage, activation, lookup_pixels
 from vision_service.preprocess import ImageProcessorConfig, lookup, pixel_table, to_pixels
 from vision_service.types import ImageEmbedding
@@ -202,6 +203,11 @@ class LlavaVision:
             raise ValueError(f"{ckpt.path}: projector input {proj_w.shape[1]} != {len(select)} x CLIP hidden {dim}")
         module.load_state_dict(weights, strict=True, assign=True)
         self.module = module.to(device=device, dtype=dtype).eval()
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.module
+        if graphs_wanted(device):  # small batches: launching the tower's kernels took longer than running them
+            example = lookup_pixels(torch.zeros((1, self.image_size, self.image_size, channels), dtype=torch.uint8,
+                                                device=device), self.device_table)
+            self.forward = GraphedForward(self.module, example)
 
     def prepare(self, image: Image.Image, options: Mapping[str, str]) -> PreparedImage:
         """LLaVA-1.5 takes no per-image options; one tile per image."""
@@ -227,5 +233,5 @@ class LlavaVision:
             pixel_values = lookup_pixels(pixels, self.device_table)
         else:
             pixel_values = torch.cat([p.pixel_values for p in batch])
-        out = self.module(pixel_values)
+        out = self.forward(pixel_values)
         return [ImageEmbedding(e.flatten(0, 1)) for e in out.split([p.tiles for p in batch])]
