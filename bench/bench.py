@@ -726,7 +726,7 @@ VISION_STAMPS = [
     ("vision_service.engine", "VisionEngine", "_launch"),
     ("vision_service.engine", "VisionEngine", "_finish"),
     ("vision_service.engine", "VisionEngine", "_to_host"),
-    ("llm_service.engine.model_runner", None, "_stage_rows"),
+    ("llm_service.engine.model_runner", "RowStaging", "__call__"),
     ("llm_service.engine.model_runner", "ModelRunner", "forward"),
 ]
 

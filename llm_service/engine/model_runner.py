@@ -52,6 +52,7 @@ class ModelRunner:
         eager = getattr(config, "eager_mode", False)  # PytorchEngineConfig's switch
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.stage_rows = RowStaging(dtype, device)
         if graphs_enabled(device, self.uses_kernels, eager):
             max_blocks = -(-session_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, device)
@@ -123,7 +124,7 @@ class ModelRunner:
                 logits_rows.append(cu[-1] - 1)
         width = max(len(item.seq.block_table) for item in batch)
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
-        rows = _stage_rows(image_rows, self.dtype, self.device) if image_rows else None
+        rows = self.stage_rows(image_rows) if image_rows else None
         step = PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
                                 self.device)
         if input_ids is not None:
@@ -150,15 +151,32 @@ class ModelRunner:
         return self.model.compute_logits(hidden[logits_rows]).float()
 
 
-def _stage_rows(rows: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A step's image rows as one tensor on `device`, in the model's dtype (the workers receive
-    them at that dtype). On CUDA through pinned memory, one host copy at most (the vision tier's
-    rows usually are pinned already), and no wait for the GPU's queued work."""
-    if device.type != "cuda":
-        return rows[0].to(dtype) if len(rows) == 1 else torch.cat(rows).to(dtype)
-    if len(rows) == 1:
-        host = rows[0].to(dtype).contiguous().pin_memory()  # a no-op when pinned
-    else:
-        host = torch.empty((sum(r.shape[0] for r in rows), rows[0].shape[1]), dtype=dtype, pin_memory=True)
-        torch.cat([r.to(dtype) for r in rows], out=host)
-    return host.to(device, non_blocking=True)
+class RowStaging:
+    """A step's image rows as one tensor on the device, in the model's dtype (the workers receive
+    them at that dtype). On CUDA through one pinned buffer kept for every step: a fresh pinned
+    tensor per step cost up to 4 ms of a W1 request's TTFT (the host allocator pins a new block
+    when none is free, bench.py --profile). Reusing it waits for the previous step's copy out of
+    it, which stream order puts before that step's forward, so run-ahead is not held up."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.dtype, self.device = dtype, device
+        self.buffer: torch.Tensor | None = None
+        self.copied: torch.cuda.Event | None = None
+
+    def __call__(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return rows[0].to(self.dtype) if len(rows) == 1 else torch.cat(rows).to(self.dtype)
+        n, width = sum(r.shape[0] for r in rows), rows[0].shape[1]
+        if self.buffer is None or self.buffer.numel() < n * width:
+            self.buffer = torch.empty(n * width, dtype=self.dtype, pin_memory=True)
+        elif self.copied is not None:
+            self.copied.synchronize()
+        host = self.buffer[: n * width].view(n, width)
+        start = 0
+        for r in rows:
+            host[start : start + r.shape[0]].copy_(r)
+            start += r.shape[0]
+        rows_on_device = host.to(self.device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return rows_on_device
