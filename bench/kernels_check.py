@@ -3,6 +3,7 @@
 GPU:  PYTHONUNBUFFERED=1 python bench/kernels_check.py            (checks + timings, $OUT/kernels.json)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --w13      (checks, then only the W1/W3 timings)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2   (only the W2 decode knob sweep)
+      PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2 --int8   (the same over an int8 cache)
 CPU:  TRITON_INTERPRET=1 python bench/kernels_check.py --quick    (small checks in Triton's interpreter)
 
 Timings are per attention call of one layer, replayed from a CUDA graph that walks through enough
@@ -347,28 +348,33 @@ def graph_time_us(fns, reps: int = 30) -> float:
     return statistics.median(times) * 1000 / len(fns)
 
 
-def decode_setup(bs, ctx, page, hq=32, hkv=32, d=128, dt=torch.bfloat16, width=None):
+def decode_setup(bs, ctx, page, hq=32, hkv=32, d=128, dt=torch.bfloat16, width=None, int8=False):
     """Uniform-length decode batch; `layers` copies of the tables point at disjoint blocks. width:
-    block-table columns (the engine's is session_len / page), padded with block 0."""
-    per_layer = bs * ctx * hkv * d * 2 * 2
+    block-table columns (the engine's is session_len / page), padded with block 0. int8: an int8
+    cache (quant_policy=8) of random codes and scales; bytes counts both."""
+    per_layer = bs * ctx * hkv * 2 * ((d + 4) if int8 else d * 2)
     layers = max(1, min(32, math.ceil(256e6 / per_layer)))
     nblk = -(-ctx // page)
     num_blocks = layers * bs * nblk
     kc = torch.randn(num_blocks, page, hkv, d, device="cuda", dtype=dt)
     vc = torch.randn(num_blocks, page, hkv, d, device="cuda", dtype=dt)
+    scales = {}
+    if int8:
+        kc, vc = (x.mul_(40).round_().clamp_(-127, 127).to(torch.int8) for x in (kc, vc))
+        scales = {name: torch.rand(num_blocks, page, hkv, device="cuda") * 0.02 + 0.01 for name in ("k_scale", "v_scale")}
     perm = torch.randperm(num_blocks, device="cuda").int().view(layers, bs, nblk)
     if width is not None and width > nblk:
         perm = F.pad(perm, (0, width - nblk))
     q = torch.randn(bs, hq, d, device="cuda", dtype=dt)
     cu = torch.arange(bs + 1, dtype=torch.int32, device="cuda")
     lens = torch.full((bs,), ctx, dtype=torch.int32, device="cuda")
-    return dict(q=q, kc=kc, vc=vc, tables=list(perm.unbind(0)), cu=cu, lens=lens, bytes=per_layer)
+    return dict(q=q, kc=kc, vc=vc, tables=list(perm.unbind(0)), cu=cu, lens=lens, bytes=per_layer, scales=scales)
 
 
 def decode_out(s, kernel=None, max_q=1, **knobs) -> torch.Tensor:
     out = torch.empty_like(s["q"])
     (kernel or ta._split_k)(s["q"], s["kc"], s["vc"], s["tables"][0], s["cu"], s["lens"], s["q"].shape[-1] ** -0.5,
-                            out, max_q, **knobs)
+                            out, max_q, **s["scales"], **knobs)
     return out
 
 
@@ -379,7 +385,7 @@ def time_decode(s, kernel=None, max_q=1, **knobs) -> float:
     def call(bt):
         out = torch.empty_like(s["q"])
         return lambda: (kernel or ta._split_k)(s["q"], s["kc"], s["vc"], bt, s["cu"], s["lens"], scale, out, max_q,
-                                               **knobs)
+                                               **s["scales"], **knobs)
 
     return graph_time_us([call(bt) for bt in s["tables"]])
 
@@ -510,21 +516,29 @@ def sweep_decode(res: dict, gbs) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_w2(res: dict) -> None:
+def sweep_w2(res: dict, int8: bool) -> None:
     """W2's decode (~200 sequences of ~700 positions, Llama-7B heads 32/32, D=128, bf16, page 16)
-    at 64, 128 and 256 sequences of 700 positions: see `_sweep_w2_batch`."""
+    at 64, 128 and 256 sequences of 700 positions: see `_sweep_w2_batch`. int8: over an int8
+    cache (quant_policy=8), after the bf16 cache's default for comparison."""
     res["w2"] = []
     for bs in (64, 128, 256):
-        res["w2"] += _sweep_w2_batch(bs)
+        if int8:
+            s = decode_setup(bs, 700, 16)
+            us = time_decode(s)
+            res["w2"].append(dict(bs=bs, ctx=700, knobs="bf16 cache", us=us, GBps=s["bytes"] / us / 1e3))
+            print(f"\nW2 decode bs={bs} over a bf16 cache (default): {us:.1f} µs [{res['w2'][-1]['GBps']:.0f} GB/s]",
+                  flush=True)
+            del s
+        res["w2"] += _sweep_w2_batch(bs, int8)
         torch.cuda.empty_cache()
 
 
-def _sweep_w2_batch(bs: int) -> list[dict]:
+def _sweep_w2_batch(bs: int, int8: bool) -> list[dict]:
     """Every split-kernel tile (block_n x warps x stages) at 1, 2 and 4 splits: µs per call and GB/s
     of K+V read, the three best and the default printed; then those four again with the early
     first tile flipped (`early`, on by default with more than one split). Each variant's output
-    is checked against the default's."""
-    s = decode_setup(bs, 700, 16)
+    is checked against the default's. int8: over an int8 cache, GB/s of its codes and scales."""
+    s = decode_setup(bs, 700, 16, int8=int8)
     ref = decode_out(s).float()
     auto = ta._num_splits(bs, 32, s["tables"][0].shape[1] * 16, 64, ta._sm_count(torch.device("cuda")))
     rows = []
@@ -543,8 +557,8 @@ def _sweep_w2_batch(bs: int) -> list[dict]:
     for kn in (dict(t, num_splits=n) for t in tiles for n in (1, 2, 4)):
         attempt(f"w2 bs={bs} {kn}", lambda: one(kn))
     best = sorted(rows[1:], key=lambda r: r["us"])[:3]
-    print(f"\nW2 decode bs={bs} ctx=700 page 16 (default: num_splits {auto}), µs per call [GB/s of K+V], best first:",
-          flush=True)
+    print(f"\nW2 decode bs={bs} ctx=700 page 16{' int8' if int8 else ''} (default: num_splits {auto}), µs per call "
+          "[GB/s of K+V], best first:", flush=True)
     for r in best + [default]:
         show(r)
     print("  the same with the early first tile flipped:", flush=True)
@@ -610,6 +624,7 @@ def main() -> None:
     ap.add_argument("--no-checks", action="store_true")
     ap.add_argument("--w13", action="store_true", help="time only the W1/W3 shapes (old path vs new)")
     ap.add_argument("--w2", action="store_true", help="time only the W2 decode knob sweep")
+    ap.add_argument("--int8", action="store_true", help="with --w2: over an int8 cache (quant_policy=8)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
@@ -622,7 +637,7 @@ def main() -> None:
             if args.w13:
                 time_w13(res)
             elif args.w2:
-                sweep_w2(res)
+                sweep_w2(res, args.int8)
             else:
                 run_timings(res)
                 print_table(res)

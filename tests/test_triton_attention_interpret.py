@@ -5,7 +5,9 @@ seq_len-0 padding rows, first tiles of old keys and of this step's), the KV stor
 counters left at 0. The split kernel's early first tile (EARLY) must not change a bit: every split
 run is repeated with it flipped. With an int8 cache (quant_policy=8) the store (with and without
 rotary) must give the reference's codes and scales bit for bit, and the kernels must match the
-reference over them.
+reference over them: fp32 queries (dequantized tiles) as closely as over a float cache, fp16 ones
+(codes as fp16, scales folded in) within the bound of their fp16 roundings; the codes' conversion
+(the interpreter's plain one) must give every int8 value back exactly, in place.
 
 The interpreter is chosen when triton is imported, so the checks run in a child process with
 TRITON_INTERPRET=1 (this file run as a script). Sequential programs cannot show memory-ordering
@@ -13,11 +15,24 @@ bugs of the fold; tests/gpu/test_triton_attention.py replays it on a GPU.
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import torch
 
 from tests.interpreter import needs_triton, run_script
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    from llm_service.layers import triton_attention as ta
+
+    @triton.jit
+    def _codes_tile(x_ptr, y_ptr):
+        """y = ta._codes_f16 of the [64, 128] int8 tile at x_ptr."""
+        offs = tl.arange(0, 64)[:, None] * 128 + tl.arange(0, 128)[None, :]
+        tl.store(y_ptr + offs, ta._codes_f16(tl.load(x_ptr + offs)))
 
 
 @needs_triton
@@ -100,6 +115,35 @@ def _split_checks(name, run, args, ref, max_q, runs, **scales):
     return oks
 
 
+def codes_tile_check(device: str) -> bool:
+    """Every int8 value (-128 too, though never stored) through `_codes_f16` in a [64, 128] tile,
+    scrambled so that a swapped pair of elements shows: each must come back exactly, in place."""
+    x = ((torch.arange(64 * 128) * 37 + 11) % 256 - 128).to(torch.int8).view(64, 128).to(device)
+    assert sorted(set(x.flatten().tolist())) == list(range(-128, 128))
+    y = torch.full(x.shape, float("nan"), dtype=torch.float16, device=device)
+    _codes_tile[(1,)](x, y)
+    return torch.equal(y, x.to(torch.float16))
+
+
+def folded_bound(out, q, kc, vc, bt, cu, lens, scale, k_scale, v_scale) -> tuple[bool, float]:
+    """16-bit queries over an int8 cache (scales folded in): every output element within its
+    roundings' bound of float64 attention over codes x scales, the values the kernels compute
+    with. q is exact in fp16, the products of fp16 values exact in fp32; each weight
+    p * v_scale is rounded to fp16 (2^-11 of it: at most 2^-11 x attention over |v|, here
+    doubled for the fp32 sums and exp2 around it) and the output to q's dtype (half its eps).
+    Returns (within, the largest error over its bound)."""
+    from llm_service.layers.attention import paged_attention
+
+    k = kc.double() * k_scale.double()[..., None]
+    v = vc.double() * v_scale.double()[..., None]
+    want = paged_attention(q.double(), k, v, bt, cu, lens, scale).nan_to_num(0.0)
+    spread = paged_attention(q.double(), k, v.abs(), bt, cu, lens, scale).nan_to_num(0.0)
+    bound = 2**-10 * spread + torch.finfo(q.dtype).eps / 2 * want.abs()
+    err = (out.double() - want).abs()
+    ratio = float((err / bound.clamp(min=1e-30)).max())
+    return bool(torch.isfinite(out).all()) and bool((err <= bound).all()), ratio
+
+
 def _int8_checks(gen, run, hq, hkv, d, page, scale) -> list[bool]:
     """quant_policy=8: rotary + store against rotary + store into a float cache, then the
     reference's quantize_kv (bit for bit); the kernels against the reference (_case checks the
@@ -136,6 +180,24 @@ def _int8_checks(gen, run, hq, hkv, d, page, scale) -> list[bool]:
     ref = _reference(*args, scale, **scales)
     oks += _split_checks("int8 decode", run, args, ref, 1, ((1, True), (4, False)), **scales)
     oks.append(_check("int8 decode via paged_attention", ta.paged_attention(*args, scale, **scales), ref))
+
+    # fp16 queries: the folded path (bf16 dots are unreliable in the interpreter)
+    for name, seqs, max_q, splits in (("prefill kernel", [(0, 9), (40, 20)], 20, None),
+                                     ("short prefill splits=3", [(70, 16), (33, 1), (24, 40)], 40, 3),
+                                     ("decode splits=4", [(0, 1), (129, 1), (4, 1)], 1, 4)):
+        args, scales = _case(seqs, hq, hkv, d, page, gen, int8=True)
+        args = (args[0].half(), *args[1:])
+        out = torch.full(args[0].shape, float("nan"), dtype=torch.float16)
+        if splits is None:
+            ta._prefill(*args, scale, out, max_q, **scales)
+        else:
+            ta._split_k(*args, scale, out, max_q, num_splits=splits, block_n=16, **scales)
+        ok, ratio = folded_bound(out, *args, scale, scales["k_scale"], scales["v_scale"])
+        print(f"{'ok  ' if ok else 'FAIL'} error/bound={ratio:.2f}  int8 fp16 queries {name}", flush=True)
+        oks.append(ok)
+    ok = not ta._ASM and codes_tile_check("cpu")
+    print(f"{'ok  ' if ok else 'FAIL'} int8 codes to fp16 (plain conversion): all 256 values, in place", flush=True)
+    oks.append(ok)
     return oks
 
 

@@ -6,7 +6,9 @@ when they import):
 - per layer `k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]`, in the
   model's dtype, or (quant_policy=8) int8 codes with `k_scale, v_scale: float32
   [num_blocks, block_size, num_kv_heads]`, one symmetric scale per token and kv head
-  (`quantize_kv`); attention reads `dequantize_kv`'s values, in the query's dtype;
+  (`quantize_kv`); attention reads `dequantize_kv`'s values, in the query's dtype (the
+  kernels do for fp32 queries; for 16-bit ones they fold the scales into the scores and the
+  softmax weights instead: the same attention, rounded differently);
 - `store_kvcache` writes token t's K/V to slot `slot_mapping[t]` = block * block_size +
   offset, skipping slot -1;
 - `paged_attention` takes sequences packed without padding: query j of sequence b

@@ -4,9 +4,12 @@ Same semantics as the CPU reference in `attention.py`:
 - caches are `[num_blocks, block_size, num_kv_heads, head_dim]`; slot = block * block_size + offset,
   and slot -1 is skipped (padded tokens under CUDA graphs);
 - an int8 cache (quant_policy=8) comes with float32 scales `[num_blocks, block_size, num_kv_heads]`:
-  the store quantizes each (token, kv head) row as `quantize_kv` does and the attention kernels
-  read `dequantize_kv`'s values, both op for op (QUANT, a constexpr: the 16/32-bit path is the
-  code it was);
+  the store quantizes each (token, kv head) row as `quantize_kv` does, op for op (QUANT, a
+  constexpr: the 16/32-bit path is the code it was). With fp32 queries the attention kernels read
+  `dequantize_kv`'s values, op for op; with 16-bit ones they read the codes as fp16 and fold the
+  scales into the scores and the softmax weights (`_softmax_step`): the same attention, rounded
+  differently, without a conversion and a multiply per cached element that made decode
+  compute-bound;
 - sequences are packed: query j of sequence b sits at absolute position
   `seq_lens[b] - q_len_b + j` and attends causally to cached keys 0..that position;
 - GQA: query head h reads kv head `h // (Hq // Hkv)`.
@@ -49,6 +52,7 @@ _LOG2E = 1.4426950408889634
 
 if AVAILABLE:
     _M_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a masked row never computes inf - inf
+    _ASM = tl.constexpr(not triton.knobs.runtime.interpret)  # inline PTX: Triton's interpreter has none
 
     @triton.jit
     def _pdl_launch(PDL: tl.constexpr):
@@ -107,6 +111,32 @@ if AVAILABLE:
     def _dequant(codes, scale, DT: tl.constexpr):
         """attention.py's dequantize_kv of a tile: codes x row scale in fp32, rounded once to DT."""
         return (codes.to(tl.float32) * scale[:, None]).to(DT)
+
+    @triton.jit
+    def _codes_f16(x):
+        """int8 codes as fp16, exactly. I2F runs at a quarter of the fp32 rate on Hopper (with a
+        multiply by the scale it made int8 decode compute-bound), so four codes of a register go
+        by the magic-number trick: xor 0x80808080 makes each byte code + 128 (unsigned), prmt
+        puts bytes 0, 1 (then 2, 3) under 0x64 (the fp16 1024 + byte, in element order) and
+        sub.f16x2 takes 1152 off. Not pure: Triton would otherwise move it past the shared-memory
+        loads into the dots' operand layout, where both converted tiles sit in registers (154-168
+        a thread at the decode tile, sm_90, against 128). The interpreter (no inline asm) converts
+        plainly."""
+        if _ASM:
+            y = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t, c;
+                xor.b32 t, $2, 0x80808080;
+                mov.b32 c, 0x64806480;
+                prmt.b32 $0, t, 0x64646464, 0x4140;
+                prmt.b32 $1, t, 0x64646464, 0x4342;
+                sub.f16x2 $0, $0, c;
+                sub.f16x2 $1, $1, c;
+                }""",
+                "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+        else:
+            y = x.to(tl.float16)
+        return y
 
     @triton.jit
     def _rope_store_kernel(
@@ -184,32 +214,58 @@ if AVAILABLE:
     @triton.jit
     def _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
                  stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
-                 QUANT: tl.constexpr, DT: tl.constexpr):
+                 QUANT: tl.constexpr, IEEE: tl.constexpr):
         """The K and V tiles of those keys (0 where masked), both loads issued before either is
-        used: V's does not wait behind the QK product where the loads are not pipelined.
-        QUANT: int8 codes and their scales (K's and V's at the same strides), dequantized to DT."""
+        used: V's does not wait behind the QK product where the loads are not pipelined, and
+        their row scales (zeros without QUANT, unused). QUANT: int8 codes and their scales (K's
+        and V's at the same strides, 0 where masked); with IEEE (fp32 queries) the tiles are
+        dequantized to fp32, else they are the codes as fp16 (`_softmax_step` folds the scales in)."""
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + page[:, None] * stride_kb + off[:, None] * stride_ks + offs_d[None, :],
                     mask=kv_mask, other=0.0)
         v = tl.load(v_base + page[:, None] * stride_vb + off[:, None] * stride_vs + offs_d[None, :],
                     mask=kv_mask, other=0.0)
+        k_scale = tl.zeros(n_mask.shape, tl.float32)
+        v_scale = k_scale
         if QUANT:
             row = page * stride_sb + off * stride_ss
             k_scale = tl.load(ks_base + row, mask=n_mask, other=0.0)
             v_scale = tl.load(vs_base + row, mask=n_mask, other=0.0)
-            k, v = _dequant(k, k_scale, DT), _dequant(v, v_scale, DT)
-        return k, v
+            if IEEE:
+                k, v = _dequant(k, k_scale, tl.float32), _dequant(v, v_scale, tl.float32)
+            else:
+                k, v = _codes_f16(k), _codes_f16(v)
+        return k, v, k_scale, v_scale
 
     @triton.jit
-    def _softmax_step(q, pos, m_i, l_i, acc, k, v, offs_n, n_mask, qk_scale, IEEE: tl.constexpr):
+    def _softmax_step(q, pos, m_i, l_i, acc, k, v, k_scale, v_scale, offs_n, n_mask, qk_scale,
+                      IEEE: tl.constexpr, QUANT: tl.constexpr):
         """One online-softmax step over a loaded tile, row i of q seeing key n when n <= pos[i].
-        Returns the updated (max, sum, acc)."""
+        Returns the updated (max, sum, acc).
+
+        QUANT without IEEE: q, k and v are fp16, k and v an int8 cache's codes, their row scales
+        folded out of the tiles: scores (q . codes_n) * k_scale[n], and acc += w @ codes for the
+        weights w = p * v_scale[n]. Each row's w is divided by c, the power of two at or below
+        its largest, before the cast to fp16 (p * v_scale, v_scale = max|v| / 127, would often be
+        an fp16 subnormal, with a fraction of its precision), and c goes into alpha (exactly:
+        a power of two), so the product still accumulates into acc. Products of fp16 are exact
+        in fp32, so beyond fp32 only w is rounded (to fp16, 2^-11). A bf16 q is cast to fp16 by
+        the kernels: beyond 65504 it would overflow to inf; a model's rotated queries are orders
+        of magnitude below that."""
         s = _dot(q, tl.trans(k), IEEE)
+        if QUANT and not IEEE:
+            s = s * k_scale[None, :]
         s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        if QUANT and not IEEE:
+            w = p * v_scale[None, :]
+            c = (tl.max(w, 1).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+            c = tl.where(c > 0, c, 1.0)  # a row that sees no key of the tile
+            acc = (acc * (alpha / c)[:, None] + _dot((w * (1.0 / c)[:, None]).to(tl.float16), v, IEEE)) * c[:, None]
+        else:
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         return m_new, l_i * alpha + tl.sum(p, 1), acc
 
     @triton.jit
@@ -218,9 +274,10 @@ if AVAILABLE:
                      PAGE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr, BLOCK_N: tl.constexpr):
         """Load and attend the paged keys n0..n0+BLOCK_N (those < n_end) of one kv head."""
         offs_n, n_mask, page, off = _tile_pages(bt_row, n0, n_end, PAGE, BLOCK_N)
-        k, v = _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
-                        stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, QUANT, q.dtype)
-        return _softmax_step(q, pos, m_i, l_i, acc, k, v, offs_n, n_mask, qk_scale, IEEE)
+        k, v, k_scale, v_scale = _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
+                                          stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+                                          QUANT, IEEE)
+        return _softmax_step(q, pos, m_i, l_i, acc, k, v, k_scale, v_scale, offs_n, n_mask, qk_scale, IEEE, QUANT)
 
     @triton.jit
     def _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh):
@@ -256,6 +313,8 @@ if AVAILABLE:
         mask = (offs_m < q_len)[:, None] & (offs_d < D)[None, :]
         q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=mask, other=0.0)
+        if QUANT and not IEEE:  # fp16 dots with the codes (_softmax_step)
+            q = q.to(tl.float16)
         pos = ctx + offs_m
 
         m_i = tl.full([BLOCK_M], _M_INIT, tl.float32)
@@ -378,12 +437,15 @@ if AVAILABLE:
         if EARLY:  # read before the wait: see above
             offs_n, n_mask, page, off = _tile_pages(bt_row, start, end, PAGE, BLOCK_N)
             cached = (q_len > 0) & (split < active) & (tl.minimum(start + BLOCK_N, end) <= seq_len - q_len)
-            k = tl.zeros([BLOCK_N, BLOCK_D], q_ptr.dtype.element_ty if QUANT else kc_ptr.dtype.element_ty)
-            v = tl.zeros([BLOCK_N, BLOCK_D], q_ptr.dtype.element_ty if QUANT else vc_ptr.dtype.element_ty)
+            tile_dt = (tl.float32 if IEEE else tl.float16) if QUANT else kc_ptr.dtype.element_ty  # _load_kv's
+            k = tl.zeros([BLOCK_N, BLOCK_D], tile_dt)
+            v = tl.zeros([BLOCK_N, BLOCK_D], tile_dt)
+            k_scale = tl.zeros([BLOCK_N], tl.float32)
+            v_scale = k_scale
             if cached:  # loaded in an `if`: Triton then copies K to shared memory after V's load, not before
-                k, v = _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
-                                stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
-                                QUANT, q_ptr.dtype.element_ty)
+                k, v, k_scale, v_scale = _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d,
+                                                  d_mask, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb,
+                                                  stride_ss, QUANT, IEEE)
         _pdl_wait(PDL)
         if q_len == 0:
             return
@@ -392,6 +454,8 @@ if AVAILABLE:
         mask = row_ok[:, None] & d_mask[None, :]
         q = tl.load(q_ptr + toks[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask, other=0.0)
+        if QUANT and not IEEE:  # fp16 dots with the codes (_softmax_step)
+            q = q.to(tl.float16)
         pos = seq_len - q_len + j
 
         m_i = tl.full([BLOCK_H * BLOCK_Q], _M_INIT, tl.float32)
@@ -400,7 +464,8 @@ if AVAILABLE:
         first = start
         if EARLY:
             if cached:
-                m_i, l_i, acc = _softmax_step(q, pos, m_i, l_i, acc, k, v, offs_n, n_mask, qk_scale, IEEE)
+                m_i, l_i, acc = _softmax_step(q, pos, m_i, l_i, acc, k, v, k_scale, v_scale, offs_n, n_mask,
+                                              qk_scale, IEEE, QUANT)
                 first += BLOCK_N
         for n0 in range(first, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
