@@ -7,6 +7,9 @@ to `SIZES[-1]` images therefore replay a graph captured once per size (the small
 the batch; the rows past it recompute the previous batch's pixels, and nothing reads them).
 Larger batches keep the GPU busy for longer than their launches take and run eagerly.
 PRISM_EAGER=1 turns the graphs off, as it does the LLM tier's.
+
+The capture loop and the size pick live here and the LLM tier's graphs (llm_service/engine/
+cuda_graph.py) use them too: a lower tier may not import a higher one.
 """
 from __future__ import annotations
 
@@ -19,8 +22,37 @@ import torch
 SIZES = (1, 2, 4, 8)
 
 
-def graphs_wanted(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("PRISM_EAGER", "0") in ("", "0")
+def eager_requested() -> bool:
+    """PRISM_EAGER=1: no CUDA graphs in any tier."""
+    return os.environ.get("PRISM_EAGER", "0") not in ("", "0")
+
+
+def pick_batch_size(sizes: list[int], batch: int) -> int | None:
+    """Smallest of the ascending `sizes` that holds `batch` rows; None when none does."""
+    i = bisect.bisect_left(sizes, batch)
+    return sizes[i] if i < len(sizes) else None
+
+
+@torch.inference_mode()
+def capture_graphs(sizes: list[int], forward: Callable[[int], None],
+                   before: Callable[[int], None] | None = None) -> dict[int, torch.cuda.CUDAGraph]:
+    """One graph of `forward(size)` per size, sharing one memory pool. Largest first, so the
+    smaller graphs fit in the pool memory the larger one left; each size runs once outside
+    the capture first (Triton compiles, NCCL/cuBLAS set up)."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    pool = None
+    for size in reversed(sizes):
+        if before is not None:
+            before(size)
+        forward(size)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: work other threads put on the GPU meanwhile (the other tier, embedded) is no error
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            forward(size)
+        pool = graph.pool() if pool is None else pool
+        graphs[size] = graph
+    torch.cuda.synchronize()
+    return graphs
 
 
 class GraphedForward:
@@ -35,25 +67,18 @@ class GraphedForward:
         self.sizes = list(SIZES)
         self.pixels = example.expand(self.sizes[-1], *example.shape[1:]).clone()
         self.outputs: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        pool = None
-        for size in reversed(self.sizes):  # largest first: the smaller ones fit in its pool
-            forward(self.pixels[:size])  # outside the capture first: cuBLAS and friends set up
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the embedded LLM tier's work on other threads is no capture error
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self.outputs[size] = forward(self.pixels[:size])
-            pool = graph.pool() if pool is None else pool
-            self.graphs[size] = graph
-        torch.cuda.synchronize(example.device)
+
+        def run(size: int) -> None:  # the captured call's output is the one kept
+            self.outputs[size] = forward(self.pixels[:size])
+
+        self.graphs = capture_graphs(self.sizes, run)
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         n = pixel_values.shape[0]
-        i = bisect.bisect_left(self.sizes, n)
-        if i == len(self.sizes) or pixel_values.shape[1:] != self.pixels.shape[1:]:
+        size = pick_batch_size(self.sizes, n)
+        if size is None or pixel_values.shape[1:] != self.pixels.shape[1:]:
             return self.forward(pixel_values)
-        size = self.sizes[i]
         self.pixels[:n].copy_(pixel_values)
         self.graphs[size].replay()
         return self.outputs[size][:n].clone()

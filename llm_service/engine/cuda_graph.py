@@ -13,15 +13,13 @@ PrefillGraphs does the same for short prefills of one sequence (a follow-up turn
 """
 from __future__ import annotations
 
-import bisect
-import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from llm_service.layers.attention import AttentionMetadata
 from llm_service.models.llama import LlamaForCausalLM
+from vision_service.graphs import capture_graphs, eager_requested, pick_batch_size
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -33,40 +31,10 @@ def graph_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted({min(bs, max_batch_size) for bs in ladder})
 
 
-def pick_batch_size(sizes: list[int], batch: int) -> int | None:
-    """Smallest of the ascending `sizes` that holds `batch` rows; None when none does."""
-    i = bisect.bisect_left(sizes, batch)
-    return sizes[i] if i < len(sizes) else None
-
-
 def graphs_enabled(device: torch.device, uses_kernels: bool, eager_mode: bool) -> bool:
     """Graphs need CUDA and the Triton kernels (the torch attention reads lengths on the host);
     eager_mode or PRISM_EAGER=1 turns them off."""
-    eager = eager_mode or os.environ.get("PRISM_EAGER", "0") not in ("", "0")
-    return device.type == "cuda" and uses_kernels and not eager
-
-
-@torch.inference_mode()
-def capture_graphs(sizes: list[int], forward: Callable[[int], None],
-                   before: Callable[[int], None] | None = None) -> dict[int, torch.cuda.CUDAGraph]:
-    """One graph of `forward(size)` per size, sharing one memory pool. Largest first, so the
-    smaller graphs fit in the pool memory the larger one left; each size runs once outside
-    the capture first (Triton compiles, NCCL/cuBLAS set up). Captured with padding values
-    only, so capturing writes nothing into the cache."""
-    graphs: dict[int, torch.cuda.CUDAGraph] = {}
-    pool = None
-    for size in reversed(sizes):
-        if before is not None:
-            before(size)
-        forward(size)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: work other threads put on the GPU meanwhile (embedded vision) is no error
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-            forward(size)
-        pool = graph.pool() if pool is None else pool
-        graphs[size] = graph
-    torch.cuda.synchronize()
-    return graphs
+    return device.type == "cuda" and uses_kernels and not eager_mode and not eager_requested()
 
 
 @dataclass

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from vision_service.checkpoint import Checkpoint
-from vision_service.graphs import GraphedForward, graphs_wanted
+from vision_service.graphs import GraphedForward, eager_requested
 from vision_service.models.base import PreparedImage, activation, lookup_pixels
 from vision_service.preprocess import ImageProcessorConfig, lookup, pixel_table, to_pixels
 from vision_service.types import ImageEmbedding
@@ -204,7 +204,7 @@ class LlavaVision:
         module.load_state_dict(weights, strict=True, assign=True)
         self.module = module.to(device=device, dtype=dtype).eval()
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.module
-        if graphs_wanted(device):  # small batches: launching the tower's kernels took longer than running them
+        if device.type == "cuda" and not eager_requested():  # small batches: launching the tower's kernels took longer than running them
             example = lookup_pixels(torch.zeros((1, self.image_size, self.image_size, channels), dtype=torch.uint8,
                                                 device=device), self.device_table)
             self.forward = GraphedForward(self.module, example)
