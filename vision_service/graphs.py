@@ -34,24 +34,26 @@ def pick_batch_size(sizes: list[int], batch: int) -> int | None:
 
 
 @torch.inference_mode()
-def capture_graphs(sizes: list[int], forward: Callable[[int], None],
+def capture_graphs(sizes: list[int], forward: Callable[[int], None], device: torch.device,
                    before: Callable[[int], None] | None = None) -> dict[int, torch.cuda.CUDAGraph]:
     """One graph of `forward(size)` per size, sharing one memory pool. Largest first, so the
     smaller graphs fit in the pool memory the larger one left; each size runs once outside
-    the capture first (Triton compiles, NCCL/cuBLAS set up)."""
+    the capture first (Triton compiles, NCCL/cuBLAS set up). Captured on `device`'s stream
+    whatever the thread's current device: a tier on cuda:2 (`--device`) touches no other GPU."""
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
     pool = None
-    for size in reversed(sizes):
-        if before is not None:
-            before(size)
-        forward(size)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: work other threads put on the GPU meanwhile (the other tier, embedded) is no error
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+    with torch.cuda.device(device):
+        for size in reversed(sizes):
+            if before is not None:
+                before(size)
             forward(size)
-        pool = graph.pool() if pool is None else pool
-        graphs[size] = graph
-    torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: work other threads put on the GPU meanwhile (the other tier, embedded) is no error
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                forward(size)
+            pool = graph.pool() if pool is None else pool
+            graphs[size] = graph
+        torch.cuda.synchronize()
     return graphs
 
 
@@ -71,7 +73,7 @@ class GraphedForward:
         def run(size: int) -> None:  # the captured call's output is the one kept
             self.outputs[size] = forward(self.pixels[:size])
 
-        self.graphs = capture_graphs(self.sizes, run)
+        self.graphs = capture_graphs(self.sizes, run, example.device)
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:

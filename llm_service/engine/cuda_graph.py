@@ -81,7 +81,7 @@ class DecodeGraphs:
                 seq_lens=torch.zeros(n, **i32),
                 logits=torch.zeros(n, model.args.vocab_size, dtype=torch.float32, device=device),
             )
-        self.graphs = capture_graphs(self.sizes, self._forward)  # captured with the padding values
+        self.graphs = capture_graphs(self.sizes, self._forward, device)  # captured with the padding values
 
     def _forward(self, bs: int) -> None:
         b = self.buf
@@ -146,7 +146,7 @@ class PrefillGraphs:
             self.seq_lens = torch.zeros(2, **i32)
             self.last_row = torch.zeros(1, **i64)
             self.logits = torch.zeros(1, model.args.vocab_size, dtype=torch.float32, device=device)
-        self.graphs = capture_graphs(self.sizes, self._forward, before=self._padding_only)
+        self.graphs = capture_graphs(self.sizes, self._forward, device, before=self._padding_only)
 
     def _forward(self, size: int) -> None:
         meta = AttentionMetadata(
