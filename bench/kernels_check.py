@@ -4,6 +4,7 @@ GPU:  PYTHONUNBUFFERED=1 python bench/kernels_check.py            (checks + timi
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --w13      (checks, then only the W1/W3 timings)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2   (only the W2 decode knob sweep)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2 --int8   (the same over an int8 cache)
+      PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --prefill  (the W2 prefill tile sweep)
 CPU:  TRITON_INTERPRET=1 python bench/kernels_check.py --quick    (small checks in Triton's interpreter)
 
 Timings are per attention call of one layer, replayed from a CUDA graph that walks through enough
@@ -568,6 +569,62 @@ def _sweep_w2_batch(bs: int, int8: bool) -> list[dict]:
     return rows
 
 
+def sweep_prefill(res: dict) -> None:
+    """W2's prefill attention: 12 prompts of 640 new tokens (a step's token budget), and 4 chunks
+    of 512 after 512 cached keys, Llama-7B heads, page 64, over a bf16 and an int8 cache: the
+    default, then every tile (block_m x block_n x warps x stages), µs per call and TFLOP/s of the
+    causal products; SDPA (flash) on dense K/V of the first shape for scale. Each variant's
+    output is checked against the default's."""
+    res["prefill"] = []
+    for B, ctx, n in ((12, 0, 640), (4, 512, 512)):
+        L = ctx + n
+        page = 64
+        nblk = -(-L // page)
+        flops = 4 * 128 * 32 * B * sum(ctx + j + 1 for j in range(n))
+        q = torch.randn(B * n, 32, 128, device="cuda", dtype=torch.bfloat16)
+        kc = torch.randn(B * nblk, page, 32, 128, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        bt = torch.randperm(B * nblk, device="cuda").int().view(B, nblk)
+        cu = torch.arange(B + 1, dtype=torch.int32, device="cuda") * n
+        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        if ctx == 0:
+            qd = q.view(B, n, 32, 128).transpose(1, 2)
+            kd, vd = (c[bt.long()].flatten(1, 2).transpose(1, 2).contiguous() for c in (kc, vc))
+            us = graph_time_us([lambda: F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)])
+            print(f"\nSDPA causal on dense K/V, {B} x {n}: {us:.1f} µs [{flops / us / 1e6:.0f} TFLOP/s]", flush=True)
+            res["prefill"].append(dict(shape=[B, ctx, n], name="sdpa", us=us))
+        for int8 in (False, True):
+            scales, k8, v8 = {}, kc, vc
+            if int8:
+                k8, v8 = (x.mul(40).round_().clamp_(-127, 127).to(torch.int8) for x in (kc, vc))
+                scales = {name: torch.rand(B * nblk, page, 32, device="cuda") * 0.02 + 0.01
+                          for name in ("k_scale", "v_scale")}
+            ref = torch.empty_like(q)
+            ta._prefill(q, k8, v8, bt, cu, lens, 128 ** -0.5, ref, n, **scales)
+            rows = []
+
+            def one(kn):
+                out = torch.empty_like(q)
+                us = graph_time_us([lambda: ta._prefill(q, k8, v8, bt, cu, lens, 128 ** -0.5, out, n, **scales, **kn)])
+                rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                rows.append(dict(shape=[B, ctx, n], int8=int8, knobs=kn, us=us, tflops=flops / us / 1e6, rel=rel))
+
+            one({})
+            for bm in (64, 128):
+                for bn in (32, 64, 128):
+                    for w in (4, 8):
+                        for st in (1, 2, 3):
+                            kn = dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+                            attempt(f"prefill {kn}", lambda: one(kn))
+            res["prefill"] += rows
+            print(f"\nprefill {B} x {n} new after {ctx}, page 64, {'int8' if int8 else 'bf16'} cache: µs per call "
+                  "[TFLOP/s], default then the best five:", flush=True)
+            for r in rows[:1] + sorted(rows[1:], key=lambda r: r["us"])[:5]:
+                print(f"  {r['us']:8.1f} [{r['tflops']:4.0f}] rel={r['rel']:.1e}  {r['knobs'] or 'default'}", flush=True)
+        del kc, vc, k8, v8
+        torch.cuda.empty_cache()
+
+
 def time_other(res: dict, gbs) -> None:
     """GQA decode (Qwen2-7B heads), and prefill tile variants next to SDPA on contiguous K/V."""
     s = decode_setup(32, 1024, 64, hq=28, hkv=4)
@@ -625,6 +682,7 @@ def main() -> None:
     ap.add_argument("--w13", action="store_true", help="time only the W1/W3 shapes (old path vs new)")
     ap.add_argument("--w2", action="store_true", help="time only the W2 decode knob sweep")
     ap.add_argument("--int8", action="store_true", help="with --w2: over an int8 cache (quant_policy=8)")
+    ap.add_argument("--prefill", action="store_true", help="time only the W2 prefill tile sweep (bf16 and int8)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
@@ -638,6 +696,8 @@ def main() -> None:
                 time_w13(res)
             elif args.w2:
                 sweep_w2(res, args.int8)
+            elif args.prefill:
+                sweep_prefill(res)
             else:
                 run_timings(res)
                 print_table(res)

@@ -160,6 +160,34 @@ def test_scheduler_chunks_prefill_under_the_budget_and_preempts_newest():
     assert sched.waiting[0] is short and long_seq.status == Status.RUNNING
 
 
+def test_scheduler_puts_decodes_first_and_the_step_counts_them():
+    """A mixed step leads with its single-token items, which the packed step counts as
+    num_decodes (attention runs those rows through the decode kernel)."""
+    from llm_service.distributed.step import PackedStep
+
+    bm = BlockManager(num_blocks=16, block_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_batch_size=4, max_prefill_tokens=6)
+    first, long_seq, one = _seq([1, 2]), _seq(range(10, 20)), _seq([7])
+    sched.add(first)
+    batch, _ = sched.schedule()
+    sched.add(long_seq)
+    sched.add(one)
+    for _ in range(2):  # first decodes; long takes the whole budget (6), then its last 4 leave room for one
+        for item in batch:
+            item.seq.num_computed_tokens += item.num_tokens
+            if item.samples:
+                item.seq.token_ids.append(0)
+        batch, _ = sched.schedule()
+    assert [(item.seq, item.num_tokens) for item in batch] == [(first, 1), (one, 1), (long_seq, 4)]
+    cu = [0, 1, 2, 6]
+    step = PackedStep.build([0] * 6, list(range(6)), list(range(6)), [[0], [1], [2]], cu, [11, 3, 4], [0, 1, 5],
+                            [], None, torch.device("cpu"))
+    assert step.unpack().meta.num_decodes == 2 and step.unpack().meta.max_q_len == 4
+    chunk_first = PackedStep.build([0] * 5, list(range(5)), list(range(5)), [[0], [1]], [0, 4, 5], [4, 8], [4],
+                                   [], None, torch.device("cpu"))
+    assert chunk_first.unpack().meta.num_decodes == 0
+
+
 def test_scheduler_fails_a_sequence_larger_than_the_whole_cache():
     bm = BlockManager(num_blocks=2, block_size=2, enable_prefix_caching=False)
     sched = Scheduler(bm, max_batch_size=4, max_prefill_tokens=64)

@@ -140,6 +140,7 @@ def test_step_header_travels_on_the_host_and_the_rest_is_only_queued(monkeypatch
         assert got.header == sent.header and got.ints.is_meta
         inputs = got.unpack()  # views and casts only
         assert inputs.input_ids.shape == sent.unpack().input_ids.shape
+        assert inputs.meta.num_decodes == sent.unpack().meta.num_decodes
         assert (inputs.image_rows is None) == (sent.image_rows is None)
     assert steps.recv_step(meta, rows.dtype, hidden) is None
     assert not wire

@@ -1,6 +1,7 @@
 """The Triton attention kernels in Triton's CPU interpreter (fp32: its bf16/fp16 dots are unreliable)
-against the torch reference in attention.py: the prefill kernel, the split kernel for short
-prefills and decode at several split counts (folded merge and merge kernel, empty splits,
+against the torch reference in attention.py: the prefill kernel (at 16-wide tiles too, where
+key tiles below the diagonal run without the causal mask), a mixed step whose leading decodes
+take the split kernel, the split kernel for short prefills and decode at several split counts (folded merge and merge kernel, empty splits,
 seq_len-0 padding rows, first tiles of old keys and of this step's), the KV store, and the fold
 counters left at 0. The split kernel's early first tile (EARLY) must not change a bit: every split
 run is repeated with it flipped. With an int8 cache (quant_policy=8) the store (with and without
@@ -173,6 +174,8 @@ def _int8_checks(gen, run, hq, hkv, d, page, scale) -> list[bool]:
     args, scales = _case([(0, 9), (40, 20)], hq, hkv, d, page, gen, int8=True)  # asserts the store's bits
     ref = _reference(*args, scale, **scales)
     oks.append(_check("int8 prefill kernel", run(ta._prefill, args, 20, **scales), ref))
+    oks.append(_check("int8 prefill kernel, 16x16 tiles", run(ta._prefill, args, 20, block_m=16, block_n=16, **scales),
+                      ref))
     args, scales = _case([(70, 16), (33, 1), (24, 40)], hq, hkv, d, page, gen, int8=True)
     ref = _reference(*args, scale, **scales)
     oks += _split_checks("int8 short prefill", run, args, ref, 40, ((3, True),), **scales)
@@ -217,6 +220,8 @@ def _main() -> int:
     args, _ = _case([(0, 9), (16, 7), (33, 1), (40, 20)], hq, hkv, d, page, gen)
     ref = _reference(*args, scale)
     oks.append(_check("prefill kernel", run(ta._prefill, args, 20), ref))
+    # 16-wide tiles: query blocks with key tiles below the diagonal (no causal mask) and on it
+    oks.append(_check("prefill kernel, 16x16 tiles", run(ta._prefill, args, 20, block_m=16, block_n=16), ref))
 
     # short prefills: no prefix, prefixes, a decode row, no queries, one old tile and then three
     # holding new queries (24, 40), PrefillGraphs' padding last
@@ -232,6 +237,14 @@ def _main() -> int:
     ref = _reference(*args, scale)
     oks += _split_checks("decode", run, args, ref, 1, ((1, True), (4, True), (4, False), (16, True)))
     oks.append(_check("decode via paged_attention", ta.paged_attention(*args, scale), ref))
+
+    # a mixed step: two leading decodes (the split kernel) then prefills and a late decode row
+    # (the prefill kernel), over a float cache and an int8 one
+    for int8 in (False, True):
+        args, scales = _case([(16, 1), (129, 1), (0, 9), (40, 20), (33, 1)], hq, hkv, d, page, gen, int8=int8)
+        ref = _reference(*args, scale, **scales)
+        out = ta.paged_attention(*args, scale, max_q_len=20, num_decodes=2, **scales)
+        oks.append(_check(f"mixed step, 2 leading decodes{' int8' if int8 else ''}", out, ref))
     oks += _int8_checks(gen, run, hq, hkv, d, page, scale)
 
     counters_zero = all(not c.any() for c in ta._COUNTERS.values()) and bool(ta._COUNTERS)

@@ -64,7 +64,7 @@ import torch.distributed as dist
 from llm_service.distributed import control_group
 from llm_service.layers.attention import AttentionMetadata
 
-HEADER_LEN = 8
+HEADER_LEN = 9
 STEP, SHUTDOWN, PING = 1, 2, 3  # header[0]: what the workers are to do
 
 
@@ -82,7 +82,8 @@ class StepInputs:
 
 @dataclass
 class PackedStep:
-    """header = [kind, tokens, seqs, table width, logits rows, image rows, max_q_len, len(ints)]."""
+    """header = [kind, tokens, seqs, table width, logits rows, image rows, max_q_len, num_decodes,
+    len(ints)]."""
 
     header: list[int]  # on the host: it travels on the control group
     ints: torch.Tensor  # int64: ids, positions, slots, block tables, cu_seqlens, seq_lens, logits rows, image index
@@ -106,14 +107,16 @@ class PackedStep:
         flat = ids + positions + slots + [b for row in tables for b in row] + cu_seqlens + seq_lens + logits_rows
         if image_rows is not None:
             flat += image_index
-        max_q_len = max(b - a for a, b in zip(cu_seqlens, cu_seqlens[1:]))
+        q_lens = [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+        max_q_len = max(q_lens)
+        num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
         n_rows = 0 if image_rows is None else image_rows.shape[0]
-        header = [STEP, len(ids), len(seq_lens), width, len(logits_rows), n_rows, max_q_len, len(flat)]
+        header = [STEP, len(ids), len(seq_lens), width, len(logits_rows), n_rows, max_q_len, num_decodes, len(flat)]
         ints = _on_device(torch.frombuffer(array("q", flat), dtype=torch.int64), device)  # one copy
         return cls(header, ints, image_rows)
 
     def unpack(self) -> StepInputs:
-        _, t, b, width, n_logits, n_rows, max_q_len, _ = self.header
+        _, t, b, width, n_logits, n_rows, max_q_len, num_decodes, _ = self.header
         sizes = [t, t, t, b * width, b + 1, b, n_logits, n_rows]
         ids, positions, slots, tables, cu, lens, logits_rows, index = self.ints.split(sizes)
         meta = AttentionMetadata(
@@ -122,6 +125,7 @@ class PackedStep:
             cu_seqlens_q=cu.to(torch.int32),
             seq_lens=lens.to(torch.int32),
             max_q_len=max_q_len,
+            num_decodes=num_decodes,
         )
         if not n_rows:
             return StepInputs(ids, positions, meta, logits_rows)
@@ -165,7 +169,7 @@ def recv_step(device: torch.device, dtype: torch.dtype, hidden_size: int) -> Pac
         return None
     if header[0] != STEP:
         raise RuntimeError(f"unknown step header {header}")
-    ints = torch.empty(header[7], dtype=torch.int64, device=device)
+    ints = torch.empty(header[-1], dtype=torch.int64, device=device)
     dist.broadcast(ints, src=0)
     rows = None
     if header[5]:

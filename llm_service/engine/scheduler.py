@@ -5,7 +5,9 @@ bounded by max_prefill_token_num; a prompt longer than what is left of that budg
 prefilled in chunks over several steps. Running sequences go first, oldest first; when
 the cache cannot hold their next tokens the newest running sequence is preempted (its
 blocks freed, to be recomputed later). Waiting sequences are admitted while blocks,
-budget and batch slots last, reusing prefix-cached blocks when enabled.
+budget and batch slots last, reusing prefix-cached blocks when enabled. Single-token items
+(the decodes) lead the batch: attention runs them through the decode kernel and the rest
+through the prefill kernel, whose programs hold 64 queries each.
 """
 from __future__ import annotations
 
@@ -87,6 +89,7 @@ class Scheduler:
             self.running.append(seq)
             batch.append(Scheduled(seq, n, cached + n == len(seq)))
             budget -= n
+        batch.sort(key=lambda item: item.num_tokens != 1)  # stable: decodes first, each group in order
         return batch, too_big
 
     def _preempt(self, seq: Sequence) -> None:

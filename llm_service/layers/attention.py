@@ -88,9 +88,10 @@ def paged_attention(
     max_q_len: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    num_decodes: int = 0,
 ) -> torch.Tensor:
-    """max_q_len is a launch hint for the kernels; this reference does not need it. With
-    scales the caches are int8 and attention reads their dequantized values."""
+    """max_q_len and num_decodes are launch hints for the kernels; this reference does not need
+    them. With scales the caches are int8 and attention reads their dequantized values."""
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
     out = torch.empty_like(q)
@@ -122,6 +123,7 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor  # int32 [B + 1]
     seq_lens: torch.Tensor  # int32 [B]
     max_q_len: int  # longest query of the batch (1: a pure decode step)
+    num_decodes: int = 0  # the leading sequences of q_len 1 (the scheduler puts decodes first)
 
 
 class Attention(nn.Module):
@@ -160,5 +162,5 @@ class Attention(nn.Module):
         attend = self.kernels.paged_attention if self.kernels is not None else paged_attention
         return attend(
             q, self.k_cache, self.v_cache, meta.block_tables, meta.cu_seqlens_q, meta.seq_lens, self.scale,
-            max_q_len=meta.max_q_len, k_scale=self.k_scale, v_scale=self.v_scale,
+            max_q_len=meta.max_q_len, k_scale=self.k_scale, v_scale=self.v_scale, num_decodes=meta.num_decodes,
         )

@@ -239,7 +239,7 @@ if AVAILABLE:
 
     @triton.jit
     def _softmax_step(q, pos, m_i, l_i, acc, k, v, k_scale, v_scale, offs_n, n_mask, qk_scale,
-                      IEEE: tl.constexpr, QUANT: tl.constexpr):
+                      IEEE: tl.constexpr, QUANT: tl.constexpr, CAUSAL: tl.constexpr):
         """One online-softmax step over a loaded tile, row i of q seeing key n when n <= pos[i].
         Returns the updated (max, sum, acc).
 
@@ -251,11 +251,17 @@ if AVAILABLE:
         a power of two), so the product still accumulates into acc. Products of fp16 are exact
         in fp32, so beyond fp32 only w is rounded (to fp16, 2^-11). A bf16 q is cast to fp16 by
         the kernels: beyond 65504 it would overflow to inf; a model's rotated queries are orders
-        of magnitude below that."""
+        of magnitude below that.
+
+        CAUSAL False: every row sees every key of the tile (the caller knows), so no mask: the
+        same values where the mask would keep them all."""
         s = _dot(q, tl.trans(k), IEEE)
         if QUANT and not IEEE:
             s = s * k_scale[None, :]
-        s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s * qk_scale, float("-inf"))
+        if CAUSAL:
+            s = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], s * qk_scale, float("-inf"))
+        else:
+            s = s * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -271,13 +277,16 @@ if AVAILABLE:
     @triton.jit
     def _attend_tile(q, pos, m_i, l_i, acc, n0, n_end, k_base, v_base, ks_base, vs_base, bt_row, offs_d, d_mask,
                      qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
-                     PAGE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Load and attend the paged keys n0..n0+BLOCK_N (those < n_end) of one kv head."""
+                     PAGE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr):
+        """Load and attend the paged keys n0..n0+BLOCK_N (those < n_end) of one kv head (CAUSAL:
+        see `_softmax_step`)."""
         offs_n, n_mask, page, off = _tile_pages(bt_row, n0, n_end, PAGE, BLOCK_N)
         k, v, k_scale, v_scale = _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
                                           stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
                                           QUANT, IEEE)
-        return _softmax_step(q, pos, m_i, l_i, acc, k, v, k_scale, v_scale, offs_n, n_mask, qk_scale, IEEE, QUANT)
+        return _softmax_step(q, pos, m_i, l_i, acc, k, v, k_scale, v_scale, offs_n, n_mask, qk_scale, IEEE, QUANT,
+                             CAUSAL)
 
     @triton.jit
     def _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh):
@@ -286,18 +295,23 @@ if AVAILABLE:
         tl.store(o_ptr + toks[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seq0"])
     def _prefill_kernel(
-        q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, cu_ptr, lens_ptr, qk_scale,
+        q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, cu_ptr, lens_ptr, seq0, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         ks_ptr, vs_ptr, stride_sb, stride_ss, stride_sh,
         GROUP: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
         PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program: BLOCK_M queries of one sequence and one query head."""
-        mblk = tl.program_id(0)
-        b = tl.program_id(1)
+        """One program: BLOCK_M queries of one sequence and one query head. The key tiles that all
+        of its queries see (keys up to its first query's position) run without the causal mask;
+        only the tiles on the diagonal mask. A (sequence, head)'s query blocks are neighbours in
+        the grid (they read the same keys, which then come from L2), the last first: it sees
+        the most keys. Sequences seq0.. only (a mixed step's decodes, before them, take the split
+        kernel; an offset, not sliced pointers, whose alignment would compile another variant)."""
+        mblk = tl.num_programs(0) - 1 - tl.program_id(0)
+        b = seq0 + tl.program_id(1)
         h = tl.program_id(2)
         _pdl_start(PDL)
         q_start = tl.load(cu_ptr + b)
@@ -310,7 +324,8 @@ if AVAILABLE:
 
         offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m < q_len)[:, None] & (offs_d < D)[None, :]
+        d_mask = offs_d < D
+        mask = (offs_m < q_len)[:, None] & d_mask[None, :]
         q = tl.load(q_ptr + (q_start + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=mask, other=0.0)
         if QUANT and not IEEE:  # fp16 dots with the codes (_softmax_step)
@@ -321,11 +336,20 @@ if AVAILABLE:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         kv_end = tl.minimum(seq_len, ctx + (mblk + 1) * BLOCK_M)
-        for n0 in range(0, kv_end, BLOCK_N):
+        seen_by_all = (ctx + mblk * BLOCK_M + 1) // BLOCK_N * BLOCK_N  # <= kv_end: whole tiles below the diagonal
+        k_base, v_base = kc_ptr + kvh * stride_kh, vc_ptr + kvh * stride_vh
+        ks_base, vs_base = ks_ptr + kvh * stride_sh, vs_ptr + kvh * stride_sh
+        bt_row = bt_ptr + b * stride_bt
+        for n0 in range(0, seen_by_all, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                q, pos, m_i, l_i, acc, n0, kv_end, kc_ptr + kvh * stride_kh, vc_ptr + kvh * stride_vh,
-                ks_ptr + kvh * stride_sh, vs_ptr + kvh * stride_sh, bt_ptr + b * stride_bt, offs_d, offs_d < D,
-                qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N)
+                q, pos, m_i, l_i, acc, n0, kv_end, k_base, v_base, ks_base, vs_base, bt_row, offs_d, d_mask,
+                qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N,
+                False)
+        for n0 in range(seen_by_all, kv_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, pos, m_i, l_i, acc, n0, kv_end, k_base, v_base, ks_base, vs_base, bt_row, offs_d, d_mask,
+                qk_scale, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N,
+                True)
         _write_out(o_ptr, q_start + offs_m, h + tl.zeros([BLOCK_M], tl.int32), offs_d, mask, acc, l_i,
                    stride_ot, stride_oh)
 
@@ -465,12 +489,12 @@ if AVAILABLE:
         if EARLY:
             if cached:
                 m_i, l_i, acc = _softmax_step(q, pos, m_i, l_i, acc, k, v, k_scale, v_scale, offs_n, n_mask,
-                                              qk_scale, IEEE, QUANT)
+                                              qk_scale, IEEE, QUANT, True)
                 first += BLOCK_N
         for n0 in range(first, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, pos, m_i, l_i, acc, n0, end, k_base, v_base, ks_base, vs_base, bt_row, offs_d, d_mask, qk_scale,
-                stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N)
+                stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N, True)
 
         if SPLIT:
             if active > 1:
@@ -587,14 +611,17 @@ FOLD = True  # the last split program merges (no second launch); False: _merge_k
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
                     scale: float, max_q_len: int | None = None, k_scale: torch.Tensor | None = None,
-                    v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                    v_scale: torch.Tensor | None = None, num_decodes: int = 0) -> torch.Tensor:
     """Causal attention of packed queries `[T, Hq, D]` over the paged caches; returns `[T, Hq, D]`.
     With scales the caches are int8 and the kernels read their dequantized values.
 
     Decode (`max_q_len == 1`, or `max_q_len is None` and T == B, which means every q_len is 1) and
     short prefills of few sequences over a wide block table take the split kernel; anything else
     (long prompts, batched prefills) the prefill kernel, whose grid is sized by `max_q_len` (T when
-    not given). The choice and the split count depend on shapes only (B, T, max_q_len, table width).
+    not given). In a mixed step the first `num_decodes` sequences (q_len 1, rows 0..num_decodes-1)
+    take the split kernel and the rest the prefill kernel: there each decode row would hold a
+    64-query program for its whole context (in W2's mixed steps, ~80% of the prefill kernel's
+    time). The choice and the split count depend on shapes only (B, T, max_q_len, table width).
     """
     _require_triton()
     T = q.shape[0]
@@ -605,12 +632,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q = _last_dim_contiguous(q)
     if max_q_len is None and T == B:
         max_q_len = 1
-    if max_q_len == 1 or (max_q_len is not None and _use_split(q, k_cache, block_tables, max_q_len)):
-        _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len,
-                 k_scale=k_scale, v_scale=v_scale)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    if max_q_len == 1:
+        _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, 1, **scales)
+        return out
+    nd = num_decodes
+    if nd:
+        _split_k(q[:nd], k_cache, v_cache, block_tables[:nd], cu_seqlens_q[: nd + 1], seq_lens[:nd], scale,
+                 out[:nd], 1, **scales)
+    if max_q_len is not None and _use_split(q, k_cache, block_tables[nd:], max_q_len):
+        rest = (block_tables[nd:], cu_seqlens_q[nd:], seq_lens[nd:])  # cu_seqlens keep their absolute rows
+        if nd:  # fresh copies: sliced pointers' alignment would compile other kernel variants mid-serving
+            rest = tuple(t.clone() for t in rest)
+        _split_k(q, k_cache, v_cache, *rest, scale, out, max_q_len, **scales)
     else:
         _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out,
-                 T if max_q_len is None else max_q_len, k_scale=k_scale, v_scale=v_scale)
+                 T if max_q_len is None else max_q_len, seq0=nd, **scales)
     return out
 
 
@@ -641,19 +678,22 @@ def _launch_pdl(device: torch.device, on: bool | None) -> dict:
 
 
 def _prefill(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
-             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, seq0: int = 0,
              block_m: int | None = None, block_n: int | None = None, num_warps: int = 4,
-             num_stages: int = 2, use_pdl: bool | None = None) -> None:
-    """The general kernel; the keyword knobs exist for bench/kernels_check.py's sweeps."""
+             num_stages: int | None = None, use_pdl: bool | None = None) -> None:
+    """The general kernel; the keyword knobs exist for bench/kernels_check.py's sweeps. Stages:
+    3 over a 16-bit cache, 1 over an int8 one (the best of `kernels_check.py --prefill` on an
+    H100 at W2's shapes: 8% and 15% faster than 2)."""
     _, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     wide = q.element_size() * D > 256  # fp32 with D 128: smaller tiles to fit shared memory
     block_m = block_m or (32 if wide else 64)
     block_n = block_n or (32 if wide else 64)
-    grid = (triton.cdiv(max_q_len, block_m), seq_lens.shape[0], Hq)
+    grid = (triton.cdiv(max_q_len, block_m), seq_lens.shape[0] - seq0, Hq)
     scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    num_stages = num_stages or (1 if quant else 2 if wide else 3)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, seq_lens, seq0, scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache, v_cache), block_tables.stride(0), *scales,
         GROUP=Hq // Hkv, D=D, PAGE=k_cache.shape[1], IEEE=q.dtype == torch.float32, QUANT=quant,
@@ -713,11 +753,14 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, num_splits: int | None = None, fold: bool | None = None, use_pdl: bool | None = None,
-             early: bool | None = None, block_n: int = 64, num_warps: int = 4, num_stages: int = 2) -> None:
+             early: bool | None = None, block_n: int = 64, num_warps: int | None = None,
+             num_stages: int | None = None) -> None:
     """Split-K attention for decode (max_q_len 1) and short prefills; the keyword knobs exist
     for bench/kernels_check.py's sweeps (fold/use_pdl None: FOLD and pdl's defaults; early None:
     the kernel's EARLY with more than one split, when one wave of programs runs it and latency
-    rules, not at one split, where many waves do and its registers would cost occupancy)."""
+    rules, not at one split, where many waves do and its registers would cost occupancy; warps
+    and stages None: 4 and 2 over a 16-bit cache, 2 and 1 over an int8 one, whose tiles are
+    converted in registers, not pipelined: 12-15% faster at W2's 64-256 sequences, H100)."""
     B = seq_lens.shape[0]
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -739,6 +782,8 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
     block_d = triton.next_power_of_2(D)
     launch = _launch_pdl(q.device, use_pdl)
     scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    num_warps = num_warps or (2 if quant else 4)
+    num_stages = num_stages or (1 if quant else 2)
     _split_kernel[(B, Hkv * chunks, num_splits)](
         q, k_cache, v_cache, out, mpart, lpart, apart, counters,
         block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E, num_splits, Hq,

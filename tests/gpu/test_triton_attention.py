@@ -73,6 +73,17 @@ def test_prefill_with_prefix_and_decode_rows(hq, hkv, d, dtype, tol):
 
 
 @pytest.mark.parametrize("hq,hkv,d,dtype,tol", [
+    (32, 32, 128, torch.bfloat16, 1e-2), (28, 4, 128, torch.float16, 2e-3), (4, 2, 16, torch.float32, 1e-5)])
+def test_mixed_step_with_leading_decodes(hq, hkv, d, dtype, tol):
+    """A mixed step as the scheduler orders it: decodes first (num_decodes: the split kernel),
+    then prefills with prefixes and a later single-token row (the prefill kernel)."""
+    seqs = [(300, 1), (17, 1), (1500, 1), (0, 37), (48, 20), (100, 1), (256, 70)]
+    q, kc, vc, bt, cu, lens = _batch(seqs, hq, hkv, d, dtype)
+    out = paged_attention(q, kc, vc, bt, cu, lens, d ** -0.5, max_q_len=70, num_decodes=3)
+    assert out.dtype == dtype and _rel(out, _reference(q, kc, vc, bt, cu, lens, d ** -0.5)) < tol
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype,tol", [
     (32, 32, 128, torch.bfloat16, 1e-2), (8, 2, 64, torch.bfloat16, 1e-2), (4, 2, 16, torch.float32, 1e-5)])
 @pytest.mark.parametrize("fold", [True, False])
 def test_decode_with_padding_in_cuda_graph(hq, hkv, d, dtype, tol, fold, monkeypatch):
