@@ -517,7 +517,7 @@ def sweep_decode(res: dict, gbs) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_w2(res: dict, int8: bool) -> None:
+def sweep_w2(res: dict, int8: bool, pipe: bool = False) -> None:
     """W2's decode (~200 sequences of ~700 positions, Llama-7B heads 32/32, D=128, bf16, page 16)
     at 64, 128 and 256 sequences of 700 positions: see `_sweep_w2_batch`. int8: over an int8
     cache (quant_policy=8), after the bf16 cache's default for comparison."""
@@ -530,15 +530,16 @@ def sweep_w2(res: dict, int8: bool) -> None:
             print(f"\nW2 decode bs={bs} over a bf16 cache (default): {us:.1f} µs [{res['w2'][-1]['GBps']:.0f} GB/s]",
                   flush=True)
             del s
-        res["w2"] += _sweep_w2_batch(bs, int8)
+        res["w2"] += _sweep_w2_batch(bs, int8, pipe)
         torch.cuda.empty_cache()
 
 
-def _sweep_w2_batch(bs: int, int8: bool) -> list[dict]:
+def _sweep_w2_batch(bs: int, int8: bool, pipe: bool = False) -> list[dict]:
     """Every split-kernel tile (block_n x warps x stages) at 1, 2 and 4 splits: µs per call and GB/s
     of K+V read, the three best and the default printed; then those four again with the early
     first tile flipped (`early`, on by default with more than one split). Each variant's output
-    is checked against the default's. int8: over an int8 cache, GB/s of its codes and scales."""
+    is checked against the default's. int8: over an int8 cache, GB/s of its codes and scales.
+    pipe: only the int8 tiles whose codes' loads pipeline (pipe_codes), at one split."""
     s = decode_setup(bs, 700, 16, int8=int8)
     ref = decode_out(s).float()
     auto = ta._num_splits(bs, 32, s["tables"][0].shape[1] * 16, 64, ta._sm_count(torch.device("cuda")))
@@ -554,9 +555,15 @@ def _sweep_w2_batch(bs: int, int8: bool) -> list[dict]:
         print(f"  {r['us']:8.1f} [{r['GBps']:5.0f}] rel={r['rel']:.1e}  {r['knobs'] or 'default'}", flush=True)
 
     default = one(dict())
-    tiles = [dict(block_n=n, num_warps=w, num_stages=st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)]
-    for kn in (dict(t, num_splits=n) for t in tiles for n in (1, 2, 4)):
-        attempt(f"w2 bs={bs} {kn}", lambda: one(kn))
+    if pipe:  # int8 codes converted where the dots read them, their loads pipelined (stages >= 2)
+        tiles = [dict(block_n=n, num_warps=w, num_stages=st, pipe_codes=True)
+                 for n in (32, 64, 128) for w in (2, 4, 8) for st in (2, 3)]
+        for kn in tiles:
+            attempt(f"w2 bs={bs} {kn}", lambda: one(kn))
+    else:
+        tiles = [dict(block_n=n, num_warps=w, num_stages=st) for n in (32, 64, 128) for w in (2, 4, 8) for st in (1, 2, 3)]
+        for kn in (dict(t, num_splits=n) for t in tiles for n in (1, 2, 4)):
+            attempt(f"w2 bs={bs} {kn}", lambda: one(kn))
     best = sorted(rows[1:], key=lambda r: r["us"])[:3]
     print(f"\nW2 decode bs={bs} ctx=700 page 16{' int8' if int8 else ''} (default: num_splits {auto}), µs per call "
           "[GB/s of K+V], best first:", flush=True)
@@ -682,6 +689,7 @@ def main() -> None:
     ap.add_argument("--w13", action="store_true", help="time only the W1/W3 shapes (old path vs new)")
     ap.add_argument("--w2", action="store_true", help="time only the W2 decode knob sweep")
     ap.add_argument("--int8", action="store_true", help="with --w2: over an int8 cache (quant_policy=8)")
+    ap.add_argument("--pipe", action="store_true", help="with --w2: only int8 tiles with pipelined code loads")
     ap.add_argument("--prefill", action="store_true", help="time only the W2 prefill tile sweep (bf16 and int8)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -695,7 +703,7 @@ def main() -> None:
             if args.w13:
                 time_w13(res)
             elif args.w2:
-                sweep_w2(res, args.int8)
+                sweep_w2(res, args.int8 or args.pipe, args.pipe)
             elif args.prefill:
                 sweep_prefill(res)
             else:

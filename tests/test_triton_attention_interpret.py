@@ -30,10 +30,10 @@ if importlib.util.find_spec("triton") is not None:
     from llm_service.layers import triton_attention as ta
 
     @triton.jit
-    def _codes_tile(x_ptr, y_ptr):
+    def _codes_tile(x_ptr, y_ptr, PURE: tl.constexpr):
         """y = ta._codes_f16 of the [64, 128] int8 tile at x_ptr."""
         offs = tl.arange(0, 64)[:, None] * 128 + tl.arange(0, 128)[None, :]
-        tl.store(y_ptr + offs, ta._codes_f16(tl.load(x_ptr + offs)))
+        tl.store(y_ptr + offs, ta._codes_f16(tl.load(x_ptr + offs), PURE))
 
 
 @needs_triton
@@ -116,13 +116,13 @@ def _split_checks(name, run, args, ref, max_q, runs, **scales):
     return oks
 
 
-def codes_tile_check(device: str) -> bool:
+def codes_tile_check(device: str, pure: bool = False) -> bool:
     """Every int8 value (-128 too, though never stored) through `_codes_f16` in a [64, 128] tile,
     scrambled so that a swapped pair of elements shows: each must come back exactly, in place."""
     x = ((torch.arange(64 * 128) * 37 + 11) % 256 - 128).to(torch.int8).view(64, 128).to(device)
     assert sorted(set(x.flatten().tolist())) == list(range(-128, 128))
     y = torch.full(x.shape, float("nan"), dtype=torch.float16, device=device)
-    _codes_tile[(1,)](x, y)
+    _codes_tile[(1,)](x, y, PURE=pure)
     return torch.equal(y, x.to(torch.float16))
 
 

@@ -5,7 +5,8 @@ Same semantics as the CPU reference in `attention.py`:
   and slot -1 is skipped (padded tokens under CUDA graphs);
 - an int8 cache (quant_policy=8) comes with float32 scales `[num_blocks, block_size, num_kv_heads]`:
   the store quantizes each (token, kv head) row as `quantize_kv` does, op for op (QUANT, a
-  constexpr: the 16/32-bit path is the code it was). With fp32 queries the attention kernels read
+  constexpr: 0 for a 16/32-bit cache, whose path is the code it was; 1 for int8, 2 for int8 with
+  the codes' conversion free to move to where the dots read them, see `_codes_f16`). With fp32 queries the attention kernels read
   `dequantize_kv`'s values, op for op; with 16-bit ones they read the codes as fp16 and fold the
   scales into the scores and the softmax weights (`_softmax_step`): the same attention, rounded
   differently, without a conversion and a multiply per cached element that made decode
@@ -53,6 +54,15 @@ _LOG2E = 1.4426950408889634
 if AVAILABLE:
     _M_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a masked row never computes inf - inf
     _ASM = tl.constexpr(not triton.knobs.runtime.interpret)  # inline PTX: Triton's interpreter has none
+    _F16_CODES = tl.constexpr("""{
+        .reg .b32 t, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, t, 0x64646464, 0x4140;
+        prmt.b32 $1, t, 0x64646464, 0x4342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""")  # _codes_f16's conversion
 
     @triton.jit
     def _pdl_launch(PDL: tl.constexpr):
@@ -113,27 +123,20 @@ if AVAILABLE:
         return (codes.to(tl.float32) * scale[:, None]).to(DT)
 
     @triton.jit
-    def _codes_f16(x):
+    def _codes_f16(x, PURE: tl.constexpr):
         """int8 codes as fp16, exactly. I2F runs at a quarter of the fp32 rate on Hopper (with a
         multiply by the scale it made int8 decode compute-bound), so four codes of a register go
         by the magic-number trick: xor 0x80808080 makes each byte code + 128 (unsigned), prmt
         puts bytes 0, 1 (then 2, 3) under 0x64 (the fp16 1024 + byte, in element order) and
         sub.f16x2 takes 1152 off. Not pure: Triton would otherwise move it past the shared-memory
         loads into the dots' operand layout, where both converted tiles sit in registers (154-168
-        a thread at the decode tile, sm_90, against 128). The interpreter (no inline asm) converts
-        plainly."""
-        if _ASM:
-            y = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t, c;
-                xor.b32 t, $2, 0x80808080;
-                mov.b32 c, 0x64806480;
-                prmt.b32 $0, t, 0x64646464, 0x4140;
-                prmt.b32 $1, t, 0x64646464, 0x4342;
-                sub.f16x2 $0, $0, c;
-                sub.f16x2 $1, $1, c;
-                }""",
-                "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+        a thread at the decode tile, sm_90, against 128). PURE lets it: the loads then pipeline
+        (cp.async into shared memory, the conversion in the dots' operand layout). The interpreter
+        (no inline asm) converts plainly."""
+        if _ASM and PURE:
+            y = tl.inline_asm_elementwise(_F16_CODES, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+        elif _ASM:
+            y = tl.inline_asm_elementwise(_F16_CODES, "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
         else:
             y = x.to(tl.float16)
         return y
@@ -219,7 +222,8 @@ if AVAILABLE:
         used: V's does not wait behind the QK product where the loads are not pipelined, and
         their row scales (zeros without QUANT, unused). QUANT: int8 codes and their scales (K's
         and V's at the same strides, 0 where masked); with IEEE (fp32 queries) the tiles are
-        dequantized to fp32, else they are the codes as fp16 (`_softmax_step` folds the scales in)."""
+        dequantized to fp32, else they are the codes as fp16 (`_softmax_step` folds the scales in;
+        QUANT 2: converted by `_codes_f16` with PURE)."""
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + page[:, None] * stride_kb + off[:, None] * stride_ks + offs_d[None, :],
                     mask=kv_mask, other=0.0)
@@ -234,7 +238,7 @@ if AVAILABLE:
             if IEEE:
                 k, v = _dequant(k, k_scale, tl.float32), _dequant(v, v_scale, tl.float32)
             else:
-                k, v = _codes_f16(k), _codes_f16(v)
+                k, v = _codes_f16(k, QUANT == 2), _codes_f16(v, QUANT == 2)
         return k, v, k_scale, v_scale
 
     @triton.jit
@@ -754,13 +758,15 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, num_splits: int | None = None, fold: bool | None = None, use_pdl: bool | None = None,
              early: bool | None = None, block_n: int = 64, num_warps: int | None = None,
-             num_stages: int | None = None) -> None:
+             num_stages: int | None = None, pipe_codes: bool | None = None) -> None:
     """Split-K attention for decode (max_q_len 1) and short prefills; the keyword knobs exist
     for bench/kernels_check.py's sweeps (fold/use_pdl None: FOLD and pdl's defaults; early None:
     the kernel's EARLY with more than one split, when one wave of programs runs it and latency
-    rules, not at one split, where many waves do and its registers would cost occupancy; warps
-    and stages None: 4 and 2 over a 16-bit cache, 2 and 1 over an int8 one, whose tiles are
-    converted in registers, not pipelined: 12-15% faster at W2's 64-256 sequences, H100)."""
+    rules, not at one split, where many waves do and its registers would cost occupancy; warps,
+    stages and pipe_codes None: 4 warps and 2 stages, and an int8 cache's codes converted where
+    they are loaded; for int8 decode 2 warps, 2 stages and the codes converted where the dots
+    read them, so their loads pipeline: 4-17% faster at W2's 64-256 sequences on an H100,
+    `kernels_check.py --w2 --int8` and `--pipe`)."""
     B = seq_lens.shape[0]
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
@@ -782,15 +788,17 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
     block_d = triton.next_power_of_2(D)
     launch = _launch_pdl(q.device, use_pdl)
     scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
-    num_warps = num_warps or (2 if quant else 4)
-    num_stages = num_stages or (1 if quant else 2)
+    int8_decode = quant and max_q_len == 1
+    num_warps = num_warps or (2 if int8_decode else 4)
+    num_stages = num_stages or 2
+    pipe_codes = int8_decode if pipe_codes is None else pipe_codes
     _split_kernel[(B, Hkv * chunks, num_splits)](
         q, k_cache, v_cache, out, mpart, lpart, apart, counters,
         block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E, num_splits, Hq,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         *_cache_strides(k_cache, v_cache), block_tables.stride(0), *scales,
-        GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32, QUANT=quant,
-        SPLIT=split, FOLD=fold, EARLY=early, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
+        GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
+        QUANT=(2 if pipe_codes else 1) if quant else 0, SPLIT=split, FOLD=fold, EARLY=early, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages, **launch,
     )
     if split and not fold:

@@ -61,7 +61,7 @@ def test_store_gives_the_reference_codes_and_scales(dtype):
 
 
 def test_codes_convert_exactly_with_the_inline_asm():
-    assert ta._ASM and codes_tile_check("cuda")
+    assert ta._ASM and codes_tile_check("cuda") and codes_tile_check("cuda", pure=True)
 
 
 def _batch(seqs, hq, hkv, d, dtype):
