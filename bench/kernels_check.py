@@ -4,6 +4,7 @@ GPU:  PYTHONUNBUFFERED=1 python bench/kernels_check.py            (checks + timi
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --w13      (checks, then only the W1/W3 timings)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2   (only the W2 decode knob sweep)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2 --int8   (the same over an int8 cache)
+      PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2 --pipe   (int8, pipelined code loads)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --prefill  (the W2 prefill tile sweep)
 CPU:  TRITON_INTERPRET=1 python bench/kernels_check.py --quick    (small checks in Triton's interpreter)
 
