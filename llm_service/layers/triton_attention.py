@@ -54,15 +54,6 @@ _LOG2E = 1.4426950408889634
 if AVAILABLE:
     _M_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a masked row never computes inf - inf
     _ASM = tl.constexpr(not triton.knobs.runtime.interpret)  # inline PTX: Triton's interpreter has none
-    _F16_CODES = tl.constexpr("""{
-        .reg .b32 t, c;
-        xor.b32 t, $2, 0x80808080;
-        mov.b32 c, 0x64806480;
-        prmt.b32 $0, t, 0x64646464, 0x4140;
-        prmt.b32 $1, t, 0x64646464, 0x4342;
-        sub.f16x2 $0, $0, c;
-        sub.f16x2 $1, $1, c;
-        }""")  # _codes_f16's conversion
 
     @triton.jit
     def _pdl_launch(PDL: tl.constexpr):
@@ -133,10 +124,18 @@ if AVAILABLE:
         a thread at the decode tile, sm_90, against 128). PURE lets it: the loads then pipeline
         (cp.async into shared memory, the conversion in the dots' operand layout). The interpreter
         (no inline asm) converts plainly."""
-        if _ASM and PURE:
-            y = tl.inline_asm_elementwise(_F16_CODES, "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
-        elif _ASM:
-            y = tl.inline_asm_elementwise(_F16_CODES, "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+        if _ASM:
+            y = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t, c;
+                xor.b32 t, $2, 0x80808080;
+                mov.b32 c, 0x64806480;
+                prmt.b32 $0, t, 0x64646464, 0x4140;
+                prmt.b32 $1, t, 0x64646464, 0x4342;
+                sub.f16x2 $0, $0, c;
+                sub.f16x2 $1, $1, c;
+                }""",
+                "=r,=r,r", [x], dtype=tl.float16, is_pure=PURE, pack=4)
         else:
             y = x.to(tl.float16)
         return y
