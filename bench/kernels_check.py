@@ -577,6 +577,20 @@ def _sweep_w2_batch(bs: int, int8: bool, pipe: bool = False) -> list[dict]:
     return rows
 
 
+def prefill_batch(B: int, ctx: int, n: int) -> tuple[torch.Tensor, ...]:
+    """B sequences of n new tokens after ctx cached keys, Llama-7B heads (32/32, D=128), bf16,
+    page 64, blocks permuted: (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)."""
+    L, page = ctx + n, 64
+    nblk = -(-L // page)
+    q = torch.randn(B * n, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kc = torch.randn(B * nblk, page, 32, 128, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    bt = torch.randperm(B * nblk, device="cuda").int().view(B, nblk)
+    cu = torch.arange(B + 1, dtype=torch.int32, device="cuda") * n
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    return q, kc, vc, bt, cu, lens
+
+
 def sweep_prefill(res: dict) -> None:
     """W2's prefill attention: 12 prompts of 640 new tokens (a step's token budget), and 4 chunks
     of 512 after 512 cached keys, Llama-7B heads, page 64, over a bf16 and an int8 cache: the
@@ -585,16 +599,8 @@ def sweep_prefill(res: dict) -> None:
     output is checked against the default's."""
     res["prefill"] = []
     for B, ctx, n in ((12, 0, 640), (4, 512, 512)):
-        L = ctx + n
-        page = 64
-        nblk = -(-L // page)
         flops = 4 * 128 * 32 * B * sum(ctx + j + 1 for j in range(n))
-        q = torch.randn(B * n, 32, 128, device="cuda", dtype=torch.bfloat16)
-        kc = torch.randn(B * nblk, page, 32, 128, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        bt = torch.randperm(B * nblk, device="cuda").int().view(B, nblk)
-        cu = torch.arange(B + 1, dtype=torch.int32, device="cuda") * n
-        lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        q, kc, vc, bt, cu, lens = prefill_batch(B, ctx, n)
         if ctx == 0:
             qd = q.view(B, n, 32, 128).transpose(1, 2)
             kd, vd = (c[bt.long()].flatten(1, 2).transpose(1, 2).contiguous() for c in (kc, vc))
@@ -605,8 +611,7 @@ def sweep_prefill(res: dict) -> None:
             scales, k8, v8 = {}, kc, vc
             if int8:
                 k8, v8 = (x.mul(40).round_().clamp_(-127, 127).to(torch.int8) for x in (kc, vc))
-                scales = {name: torch.rand(B * nblk, page, 32, device="cuda") * 0.02 + 0.01
-                          for name in ("k_scale", "v_scale")}
+                scales = {name: torch.rand(kc.shape[:3], device="cuda") * 0.02 + 0.01 for name in ("k_scale", "v_scale")}
             ref = torch.empty_like(q)
             ta._prefill(q, k8, v8, bt, cu, lens, 128 ** -0.5, ref, n, **scales)
             rows = []
@@ -644,12 +649,7 @@ def time_other(res: dict, gbs) -> None:
                 dict(block_m=128, block_n=128, num_warps=8), dict(num_stages=3), dict(block_m=128, block_n=32)]
     for prefix, n in ((0, 2048), (2048, 512)):
         L = prefix + n
-        kc = torch.randn(L // 64, 64, 32, 128, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
-        bt = torch.randperm(L // 64, device="cuda").int()[None]
-        q = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)
-        cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-        lens = torch.tensor([L], dtype=torch.int32, device="cuda")
+        q, kc, vc, bt, cu, lens = prefill_batch(1, prefix, n)
         ref = torch.empty_like(q)
         ta._prefill(q, kc, vc, bt, cu, lens, 128 ** -0.5, ref, n)
 
