@@ -2,7 +2,7 @@
 
 The tiny LLaVA's forward is a few small matmuls, so what the clock sees here is the
 Python and bookkeeping around it: the part a GPU step cannot hide (with CUDA graphs the
-forward is one replay, everything else is this). Three measurements:
+forward is one replay, everything else is this). Four measurements:
 
 - decode: the engine's own step split into scheduler / prepare / forward / sample / other
   (bookkeeping: block commits, appending ids, stop checks), at several batch sizes; then
@@ -17,12 +17,21 @@ forward is one replay, everything else is this). Three measurements:
   decode step, plus the end-to-end TTFT;
 - W3 as bench.py runs it: turn 2 re-sends turn 1's image and answer: TTFT of both turns,
   how many prompt tokens turn 2 found in the prefix cache, and whether the gateway's
-  re-rendered history kept the answer's ids.
+  re-rendered history kept the answer's ids;
+- intake (`--parts intake`, not in the default set): W2's start, `--requests` requests with
+  their own image submitted at once through the embedded pipeline as bench.py's `stream`
+  does, the vision tower and the LLM's forward simulated by sleeps (`--vision-ms` per image,
+  `--device-ms` per step), so what remains is the host path every request takes through the
+  three tiers, all in one process under one GIL: when the 1st, 16th, middle and last request
+  left the gateway, reached the vision tier, got its embedding, was queued in the engine and
+  got its first token, and when the engine launched its first step. `--cores N` sizes the
+  thread pools as on an N-core host (the loop's default executor, the vision prep pool).
 
-The decode parts use the tiny checkpoint of the tests (vocab 512); TTFT and W3 use
+The decode parts use the tiny checkpoint of the tests (vocab 512); TTFT, W3 and intake use
 bench.py's tiny one (word-level tokenizer, 576 image rows), built once under /tmp/prism-bench.
 
     python bench/host_overhead.py [--batch-sizes 1,64,256] [--steps 64] [--repeats 5] [--device-ms 8]
+    python bench/host_overhead.py --parts intake [--requests 256] [--cores 16] [--vision-ms 1.85]
 
 Runs on one torch thread so that the numbers are the host cost, not intra-op parallelism.
 """
@@ -33,13 +42,14 @@ import asyncio
 import statistics
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from bench import TINY, build_checkpoint, make_image, make_texts  # bench/bench.py, this script's neighbour
-from gateway.config import GenerationConfig
+from bench import TINY, Stamps, build_checkpoint, make_image, make_texts, stream  # bench/bench.py, this script's neighbour
+from gateway.config import GenerationConfig, TurbomindEngineConfig
 from gateway.messages import build_request, encode_image, normalize_messages
 from gateway.service import ChatService
 from gateway.tiny_checkpoints import build_tiny_llava
@@ -51,6 +61,7 @@ from llm_service.engine.sampling_params import SamplingParams
 from llm_service.engine.sequence import Sequence
 from vision_service.config import VisionConfig
 from vision_service.engine import VisionEngine
+from vision_service.types import ImageEmbedding
 
 STAGES = ("scheduler", "prepare", "forward", "sample", "other")
 TEXT = ("Describe the picture in one sentence, then say what the woman is doing and whether "
@@ -351,6 +362,81 @@ def w3(path: Path, repeats: int, new_tokens: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+# ---------------------------------------------------------------- intake of a burst (W2's start)
+
+class SimulatedTower:
+    """Stands in for the vision tower on the GPU: a sleep of `ms` per image (the 7B bench's tier
+    encodes ~540 images/s on an H100: 1.85 ms), zero embeddings of the tower's shape."""
+
+    def __init__(self, model, ms: float):
+        self.ms, self.real, self.shape = ms, model.encode, None
+        model.encode = self.encode
+
+    def encode(self, batch: list) -> list[ImageEmbedding]:
+        if self.shape is None:
+            self.shape = self.real(batch[:1])[0].embedding.shape
+        time.sleep(self.ms * len(batch) / 1e3)
+        return [ImageEmbedding(torch.zeros(self.shape)) for _ in batch]
+
+
+INTAKE_STAGES = (  # (label, Stamps target, start or end of its calls)
+    ("gateway: prepare started", "ChatService.prepare", 1),
+    ("gateway: prepared", "ChatService.prepare", 2),
+    ("llm: request in (build_sequence)", "build_sequence", 1),
+    ("vision: encode called", "VisionEngine.encode", 1),
+    ("vision: embedding back", "VisionEngine.encode", 2),
+    ("llm: queued in the engine", "AsyncLLMEngine._start", 1),
+)
+
+
+def intake(path: Path, requests: int, repeats: int, cores: int, vision_ms: float,
+           device_ms: float) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """ms after submission at which the 1st, 16th, middle and last request passed each stage,
+    and the engine's first step, the vision batches and the wall (medians over `repeats` bursts)."""
+    from gateway import pipeline
+
+    backend = TurbomindEngineConfig(session_len=2048, max_batch_size=requests, cache_max_entry_count=0.8,
+                                    enable_prefix_caching=True, device="cpu")
+    pipe = pipeline(str(path), backend_config=backend, vision_config=VisionConfig(
+        max_batch_size=32, device="cpu", preprocess_threads=cores))
+    llm = pipe._service.llm
+    if cores:
+        pipe._thread.loop.set_default_executor(ThreadPoolExecutor(min(32, cores + 4)))  # asyncio's default size
+    SimulatedTower(llm.vision.model, vision_ms)
+    SimulatedDevice(llm.engine, device_ms)
+    texts = _texts(pipe._service, requests, 9000)
+    gen = GenerationConfig(max_new_tokens=4, ignore_eos=True)
+    stamps = Stamps([("gateway.service", "ChatService", "prepare"),
+                     ("llm_service.engine.async_engine", None, "build_sequence"),
+                     ("vision_service.engine", "VisionEngine", "encode"),
+                     ("vision_service.engine", "VisionEngine", "_launch"),
+                     ("llm_service.engine.async_engine", "AsyncLLMEngine", "_start")])
+    ranks = sorted({0, min(15, requests - 1), requests // 2, requests - 1})
+    cells: dict[str, list[list[float]]] = defaultdict(list)
+    totals: dict[str, list[float]] = defaultdict(list)
+    try:
+        stream(pipe, [(t, make_image(8000 + i)) for i, t in enumerate(texts[:16])], gen)  # warm-up
+        with stamps:
+            for r in range(repeats):
+                stamps.clear()
+                prompts = [(t, make_image(10000 + 1000 * r + i)) for i, t in enumerate(texts)]
+                traces, wall, start = stream(pipe, prompts, gen)
+                for label, name, end in INTAKE_STAGES:
+                    times = sorted(call[end] for call in stamps.calls if call[0] == name)
+                    cells[label].append([1e3 * (times[k] - start) for k in ranks])
+                firsts = sorted(t.first for t in traces)
+                cells["first token"].append([1e3 * firsts[k] for k in ranks])
+                steps = [s.launched_at for s in llm.engine.step_log if s.launched_at >= start]
+                totals["engine's first step (ms)"].append(1e3 * (steps[0] - start))
+                totals["vision batches"].append(sum(call[0] == "VisionEngine._launch" for call in stamps.calls))
+                totals["wall (ms)"].append(1e3 * wall)
+    finally:
+        pipe.close()
+    table = {label: [statistics.median(col) for col in zip(*rows)] for label, rows in cells.items()}
+    table["requests"] = [k + 1 for k in ranks]
+    return table, {k: statistics.median(v) for k, v in totals.items()}
+
+
 # ---------------------------------------------------------------- report
 
 def main() -> None:
@@ -359,7 +445,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device-ms", type=float, default=8.0, help="simulated device time of a decode step")
-    parser.add_argument("--parts", default="decode,pipeline,ttft,w3")
+    parser.add_argument("--parts", default="decode,pipeline,ttft,w3", help="and intake")
+    parser.add_argument("--requests", type=int, default=256, help="intake: requests submitted at once")
+    parser.add_argument("--cores", type=int, default=0, help="intake: size the thread pools as on this many cores")
+    parser.add_argument("--vision-ms", type=float, default=1.85, help="intake: simulated tower time per image")
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = build_tiny_llava()
@@ -385,7 +474,7 @@ def main() -> None:
             t = pipeline_decode(path, bs, args.steps, args.device_ms)
             cells = " | ".join(f"{t[k]:.3f}" for k in ("wall", "exposed", "step_cpu", "between_steps_cpu", "loop_cpu"))
             print(f"| {bs} | {cells} |", flush=True)
-    if "ttft" in parts or "w3" in parts:
+    if {"ttft", "w3", "intake"} & set(parts):
         words = word_checkpoint()
     if "ttft" in parts:
         print("\n## TTFT of one request: 336x336 PIL image + 32 words, bench.py's tiny checkpoint (ms, median)\n")
@@ -399,6 +488,17 @@ def main() -> None:
         print(f"- turn 1 prompt + answer: {r['turn1_tokens']:.0f} tokens; turn 2 prompt {r['turn2_input']:.0f} tokens, "
               f"{r['turn2_cached']:.0f} from the prefix cache")
         print(f"- turn 2's ids start with turn 1's prompt and answer ids: {r['answer_ids_kept']:.0%} of turns")
+    if "intake" in parts:
+        table, totals = intake(words, args.requests, args.repeats, args.cores, args.vision_ms, args.device_ms)
+        print(f"\n## intake: {args.requests} requests with their own image at once, tower {args.vision_ms:g} ms/image, "
+              f"LLM step {args.device_ms:g} ms (simulated){f', pools sized for {args.cores} cores' if args.cores else ''}; "
+              f"ms after submission, median of {args.repeats}\n")
+        ranks = table.pop("requests")
+        print("| stage | " + " | ".join(f"request {k}" for k in ranks) + " |")
+        print("|---" + "|---:" * len(ranks) + "|")
+        for label, row in table.items():
+            print(f"| {label} | " + " | ".join(f"{ms:.0f}" for ms in row) + " |")
+        print("\n" + ", ".join(f"{k}: {v:.0f}" for k, v in totals.items()))
 
 
 if __name__ == "__main__":
