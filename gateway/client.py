@@ -5,7 +5,6 @@ INVALID_ARGUMENT comes back as ValueError, like the embedded pipeline raises.
 """
 from __future__ import annotations
 
-import asyncio
 import uuid
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -13,7 +12,7 @@ from typing import AsyncIterator
 import grpc
 
 from gateway.config import GenerationConfig, Response
-from gateway.service import collect
+from gateway.service import collect, prepare_in_order
 from gateway.templates import ChatTemplateConfig
 from gateway.wire import gen_config_to_proto, messages_to_proto, response_from_proto, template_to_proto
 from protos import gateway_pb2, gateway_pb2_grpc
@@ -46,8 +45,8 @@ class GatewayClient:
     async def stream(self, messages: list[dict], gen_config: GenerationConfig | None = None,
                      template_override: ChatTemplateConfig | None = None, index: int = 0,
                      do_preprocess: bool = True, request_id: str | None = None) -> AsyncIterator[Response]:
-        request = await asyncio.to_thread(self.prepare, messages, gen_config, template_override, do_preprocess,
-                                          request_id)
+        request = await prepare_in_order(self.prepare, messages, gen_config, template_override, do_preprocess,
+                                         request_id)
         async with aclosing(self.stream_prepared(request, index)) as deltas:
             async for delta in deltas:
                 yield delta

@@ -32,6 +32,7 @@ from gateway.vl.image import describe, encode_lossless, probe_image, read_image_
 from protos import common_pb2, llm_pb2
 
 _URL_PREFIXES = ("http://", "https://", "data:", "file://")
+_REMOTE_PREFIXES = ("http://", "https://")
 _LOADERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="prism-image")
 
 
@@ -127,6 +128,12 @@ def normalize_prompts(prompts) -> tuple[list[list[dict]], bool]:
 def image_parts(messages: list[dict]) -> list[dict]:
     """The image parts in prompt order (messages, then parts) — the IMAGE_TOKEN order."""
     return [p for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] in IMAGE_PART_TYPES]
+
+
+def fetches_images(messages: list[dict]) -> bool:
+    """Whether preparing these messages waits on the network (http(s) image URLs)."""
+    return any(isinstance(p["image_url"]["url"], str) and p["image_url"]["url"].startswith(_REMOTE_PREFIXES)
+               for p in image_parts(messages))
 
 
 @dataclass

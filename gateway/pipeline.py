@@ -2,11 +2,12 @@
 
 An asyncio loop runs in a daemon thread; the blocking methods submit coroutines to it.
 A lone conversation is prepared (rendered, tokenized, images loaded) on the calling
-thread first; a batch is prepared on the loop's executor and submitted all at once so
-the LLM engine's continuous batching sees every request. Embedded mode builds the vision engine, the LLM engine and a ChatService in
-this process; 'grpc://' mode talks to a running gateway with the same API and results.
-Response.logits is a torch tensor when torch is importable (as LMDeploy returns),
-else the numpy array.
+thread first; a batch is submitted all at once so the LLM engine's continuous batching sees
+every request, its conversations prepared two at a time in order (service.prepare_in_order):
+the first ones are in the LLM tier while later ones are prepared. Embedded mode builds the
+vision engine, the LLM engine and a ChatService in this process; 'grpc://' mode talks to a
+running gateway with the same API and results. Response.logits is a torch tensor when torch
+is importable (as LMDeploy returns), else the numpy array.
 """
 from __future__ import annotations
 
@@ -123,9 +124,9 @@ class Pipeline:
 
     def _prepare_lone(self, conversations, configs, do_preprocess) -> list:
         """A lone conversation is prepared here, on the calling thread, which would only wait
-        otherwise: two thread hops fewer (to the loop's executor and back) in the fixed cost
+        otherwise: two thread hops fewer (to the prepare pool and back) in the fixed cost
         of every single request, a follow-up chat turn's included. The conversations of a
-        batch are prepared side by side on the executor (None here)."""
+        batch are prepared by the service's stream, in order (None here)."""
         if len(conversations) != 1:
             return [None] * len(conversations)
         return [self._service.prepare(conversations[0], configs[0], do_preprocess=do_preprocess)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -20,12 +21,26 @@ import numpy as np
 
 from gateway.config import GenerationConfig, Response
 from gateway.detokenize import IncrementalDetokenizer, StopStrings
-from gateway.messages import build_request
+from gateway.messages import build_request, fetches_images
 from gateway.templates import ChatTemplate, ChatTemplateConfig, StringTemplate, get_template, resolve_template
 from gateway.tokenizer import Tokenizer
 from protos import common_pb2, llm_pb2
 
 RAW_TEMPLATE = StringTemplate(name="raw", capability="completion")  # do_preprocess=False
+PREPARE_THREADS = 2
+_PREPARING = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="prism-prepare")
+
+
+async def prepare_in_order(prepare, messages: list[dict], *args):
+    """`prepare(messages, *args)` off the event loop, on a pool of PREPARE_THREADS in arrival order.
+    Preparing holds the GIL (template, tokenizer, image encode: 256 W2 conversations take as long
+    on 20 threads as on one), and every thread that wants it delays the event loop, vision and
+    engine threads that carry the first requests on: a burst of 256 on the loop's default executor
+    (cores + 4 threads) let none into the LLM tier until nearly all were prepared (bench/README.md,
+    host_overhead.py --parts intake). Conversations that fetch http(s) images wait on the network,
+    not the GIL, so they keep the default executor, where a slow server holds one of many threads."""
+    pool = None if fetches_images(messages) else _PREPARING
+    return await asyncio.get_running_loop().run_in_executor(pool, prepare, messages, *args)
 
 
 def logits_to_numpy(tensor: common_pb2.Tensor, rows: int) -> np.ndarray | None:
@@ -66,7 +81,7 @@ class ChatService:
                 template_override: ChatTemplateConfig | None = None, do_preprocess: bool = True,
                 request_id: str | None = None) -> PreparedChat:
         """Render, tokenize and load the images of one normalized conversation. Blocking
-        (images may be fetched): `stream` runs it on the loop's executor; a caller with a
+        (images may be fetched): `stream` runs it through `prepare_in_order`; a caller with a
         thread of its own to spare (the embedded pipeline) runs it there, two hops fewer."""
         gen_config = gen_config or GenerationConfig()
         template = self._template(template_override, do_preprocess)
@@ -82,8 +97,8 @@ class ChatService:
                      do_preprocess: bool = True, request_id: str | None = None) -> AsyncIterator[Response]:
         """Delta Responses for one normalized conversation: new text and ids each,
         the running generate_token_len, and the finish reason on the last one."""
-        prepared = await asyncio.to_thread(self.prepare, messages, gen_config, template_override, do_preprocess,
-                                           request_id)
+        prepared = await prepare_in_order(self.prepare, messages, gen_config, template_override, do_preprocess,
+                                          request_id)
         async with aclosing(self.stream_prepared(prepared, index)) as deltas:
             async for delta in deltas:
                 yield delta

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from gateway.config import GenerationConfig
-from gateway.messages import build_request, normalize_messages, normalize_prompts
+from gateway.messages import build_request, fetches_images, normalize_messages, normalize_prompts
 from gateway.service import RAW_TEMPLATE
 from gateway.templates import get_template
 from gateway.tokenizer import Tokenizer
@@ -53,6 +53,13 @@ def test_openai_messages_are_one_conversation():
     parts = conversation[1]["content"]
     assert parts[1] == {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA", "max_dynamic_patch": 6}}
     assert parts[2]["image_url"]["url"] is IMG and parts[3]["image_url"]["url"] is IMG2
+
+
+def test_only_http_images_are_fetched(tmp_path):
+    """What waits on the network is prepared on the wide default executor (service.prepare_in_order)."""
+    assert fetches_images(normalize_messages(("a", ["/x.png", "http://h/y.png"])))
+    assert not fetches_images(normalize_messages(("a", [IMG, b"\x89PNG", "file:///x.png", "data:image/png;base64,AA"])))
+    assert not fetches_images(normalize_messages("http://h/y.png is a link, not an image"))
 
 
 def test_batches():

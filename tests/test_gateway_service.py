@@ -3,13 +3,14 @@ and that closing or cancelling the consumer closes (aborts) the LLM stream."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
 
 from gateway import ChatTemplateConfig, GenerationConfig
 from gateway.messages import normalize_messages
-from gateway.service import ChatService
+from gateway.service import PREPARE_THREADS, ChatService
 from gateway.tokenizer import Tokenizer
 from protos import common_pb2, llm_pb2
 from tests.conftest import make_image
@@ -117,6 +118,42 @@ def test_a_prepared_conversation_streams_as_stream_does(tiny_llava, tok):
         [(d.text, d.token_ids, d.finish_reason, 3) for d in streamed]
     assert "".join(d.text for d in again) == " the quick brown " and again[-1].finish_reason == "stop"
     assert llm.requests[1] == llm.requests[0]
+
+
+def test_a_burst_reaches_the_llm_while_later_conversations_wait_their_turn(tiny_llava, tok):
+    """Conversations arriving together are prepared PREPARE_THREADS at a time, in order, so the
+    first reaches the LLM tier before the later ones are even started: on the loop's default
+    executor (cores + 4 threads) a burst was prepared all side by side, holding the GIL the first
+    requests' next hops need (bench/host_overhead.py --parts intake). Here every conversation after
+    the first waits in `prepare` until the LLM tier has the first."""
+    llm = FakeLLM(words(tok, " a tiger"))
+    service = ChatService(str(tiny_llava), llm)
+    first_in, started, at_first = threading.Event(), [], []
+    prepare = service.prepare
+
+    def gated(messages, *args):
+        started.append(messages[0]["content"][0]["text"])
+        if started[-1] != "c0":
+            first_in.wait(timeout=30)
+        return prepare(messages, *args)
+
+    async def generate(request):
+        if not first_in.is_set():
+            at_first.extend(started)
+            first_in.set()
+        async for chunk in FakeLLM.generate(llm, request):
+            yield chunk
+
+    service.prepare, llm.generate = gated, generate
+    burst = [(f"c{i}", make_image(i)) for i in range(8)]
+
+    async def all_at_once():
+        return await asyncio.gather(*(service.chat(normalize_messages(p), GenerationConfig(max_new_tokens=2))
+                                      for p in burst))
+
+    assert all(r.finish_reason == "length" for r in run(all_at_once()))
+    assert at_first[0] == "c0" and set(at_first) <= {f"c{i}" for i in range(PREPARE_THREADS + 1)}
+    assert sorted(started) == [f"c{i}" for i in range(8)]
 
 
 def test_eos_is_not_returned(tiny_llava, tok):
