@@ -77,18 +77,22 @@ async def image_keys(images: Sequence[common_pb2.ImageInput]) -> list[str]:
     off the event loop: under a burst of new images (256 at once) each hash, which lets go of
     the GIL, held the loop ~1.5 ms, and the loop it held is the one that hands the requests
     ahead their finished vision embeddings. A re-sent image (compare, no hash) stays inline."""
-    if all(_VERIFIED.known(image.data, image.sha256.lower()) or not image.data for image in images):
-        return [image_key(image) for image in images]
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_hashing_pool(), lambda: [image_key(image) for image in images])
+    datas = [image.data for image in images]  # every read of a bytes field copies it: one each
+
+    def keys() -> list[str]:
+        return [image_key(image, data) for image, data in zip(images, datas)]
+
+    if all(not data or _VERIFIED.known(data, image.sha256.lower()) for image, data in zip(images, datas)):
+        return keys()
+    return await asyncio.get_running_loop().run_in_executor(_hashing_pool(), keys)
 
 
-def image_key(image: common_pb2.ImageInput) -> str:
+def image_key(image: common_pb2.ImageInput, data: bytes | None = None) -> str:
     """The cache key of an image: its verified sha256 (computed when not given), plus its
     options when it has any (the same bytes processed differently embed differently).
-    Raises ValueError when a given sha256 does not match the bytes."""
+    `data`: image.data already read. Raises ValueError when a given sha256 does not match the bytes."""
     given = image.sha256.lower()
-    data = image.data  # a copy per read
+    data = image.data if data is None else data
     if data:
         digest = _VERIFIED.digest(data, given)
         if given and given != digest:

@@ -400,6 +400,7 @@ def test_bad_requests_raise_value_error_before_any_token(engine, prompts):
         "top_k < 0": request(ok, top_k=-1),
         "max_new_tokens < 0": request(ok, max_new_tokens=-1),
         "token id": request([text_seg([1, 10_000])]),
+        "negative token id": request([text_seg([5, -1, 5])]),
         "stop id": request(ok, stop_token_ids=[-3]),
         "output_logits": request(ok, output_logits="all"),
         "undecodable image": request([text_seg([1]), image_seg(b"\x89PNG not really")]),

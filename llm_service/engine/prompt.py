@@ -79,8 +79,8 @@ async def build_sequence(
         kind = seg.WhichOneof("kind")
         if kind == "text":
             ids = list(seg.text.token_ids)
-            bad = [i for i in ids if not 0 <= i < vocab]
-            if bad:
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                bad = [i for i in ids if not 0 <= i < vocab]
                 raise ValueError(f"token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
             token_ids += ids
         elif kind == "image":
