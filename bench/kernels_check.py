@@ -6,6 +6,7 @@ GPU:  PYTHONUNBUFFERED=1 python bench/kernels_check.py            (checks + timi
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2 --int8   (the same over an int8 cache)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --w2 --pipe   (int8, pipelined code loads)
       PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --prefill  (the W2 prefill tile sweep)
+      PYTHONUNBUFFERED=1 python bench/kernels_check.py --no-checks --cc   (int8 MHA decode on CUDA cores, W2)
 CPU:  TRITON_INTERPRET=1 python bench/kernels_check.py --quick    (small checks in Triton's interpreter)
 
 Timings are per attention call of one layer, replayed from a CUDA graph that walks through enough
@@ -577,6 +578,41 @@ def _sweep_w2_batch(bs: int, int8: bool, pipe: bool = False) -> list[dict]:
     return rows
 
 
+def sweep_cc(res: dict) -> None:
+    """int8 MHA decode on CUDA cores (`_decode_mha_kernel`) at W2's shapes (64, 128 and 256
+    sequences of 700 positions, Llama-7B heads, page 64 as the engine's blocks): every tile
+    (block_n x warps), against the tensor-core split kernel over the same int8
+    cache and the bf16 cache's default; each variant's output checked against the tensor-core one."""
+    res["cc"] = []
+    for bs in (64, 128, 256):
+        s = decode_setup(bs, 700, 64)
+        us = time_decode(s)
+        rows = [dict(bs=bs, knobs="bf16 cache", us=us, GBps=s["bytes"] / us / 1e3, rel=0.0)]
+        del s
+        s = decode_setup(bs, 700, 64, int8=True)
+        ref = decode_out(s, cuda_cores=False).float()
+
+        def one(kn):
+            rel = ((decode_out(s, **kn).float() - ref).norm() / ref.norm()).item()
+            us = time_decode(s, **kn)
+            rows.append(dict(bs=bs, knobs=kn, us=us, GBps=s["bytes"] / us / 1e3, rel=rel))
+
+        one(dict(cuda_cores=False))
+        one(dict())
+        for kn in (dict(block_n=n, num_warps=w) for n in (16, 32, 64) for w in (1, 2, 4)):
+            attempt(f"cc bs={bs} {kn}", lambda: one(kn))
+        if bs == 64:
+            for kn in (dict(block_n=n, num_warps=w, num_splits=2) for n, w in ((16, 2), (32, 4))):
+                attempt(f"cc bs={bs} {kn}", lambda: one(kn))
+        print(f"\nint8 MHA decode bs={bs} ctx=700 page 64, µs per call [GB/s of codes and scales], "
+              "bf16 cache, tensor cores, default, then the five best:", flush=True)
+        for r in rows[:3] + sorted(rows[3:], key=lambda r: r["us"])[:5]:
+            print(f"  {r['us']:8.1f} [{r['GBps']:5.0f}] rel={r['rel']:.1e}  {r['knobs'] or 'default'}", flush=True)
+        res["cc"] += rows
+        del s
+        torch.cuda.empty_cache()
+
+
 def prefill_batch(B: int, ctx: int, n: int) -> tuple[torch.Tensor, ...]:
     """B sequences of n new tokens after ctx cached keys, Llama-7B heads (32/32, D=128), bf16,
     page 64, blocks permuted: (q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)."""
@@ -692,6 +728,7 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="with --w2: over an int8 cache (quant_policy=8)")
     ap.add_argument("--pipe", action="store_true", help="with --w2: only int8 tiles with pipelined code loads")
     ap.add_argument("--prefill", action="store_true", help="time only the W2 prefill tile sweep (bf16 and int8)")
+    ap.add_argument("--cc", action="store_true", help="time only the int8 MHA decode tiles on CUDA cores (W2)")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t0 = time.time()
@@ -707,6 +744,8 @@ def main() -> None:
                 sweep_w2(res, args.int8 or args.pipe, args.pipe)
             elif args.prefill:
                 sweep_prefill(res)
+            elif args.cc:
+                sweep_cc(res)
             else:
                 run_timings(res)
                 print_table(res)

@@ -35,6 +35,16 @@ if importlib.util.find_spec("triton") is not None:
         offs = tl.arange(0, 64)[:, None] * 128 + tl.arange(0, 128)[None, :]
         tl.store(y_ptr + offs, ta._codes_f16(tl.load(x_ptr + offs), PURE))
 
+    @triton.jit
+    def _words_tile(x_ptr, y_ptr):
+        """y = ta._words_f32 of the [64, 128] int8 tile at x_ptr, read as [64, 32] int32 words."""
+        words = tl.arange(0, 64)[:, None] * 32 + tl.arange(0, 32)[None, :]
+        y0, y1, y2, y3 = ta._words_f32(tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + words))
+        tl.store(y_ptr + 4 * words, y0)
+        tl.store(y_ptr + 4 * words + 1, y1)
+        tl.store(y_ptr + 4 * words + 2, y2)
+        tl.store(y_ptr + 4 * words + 3, y3)
+
 
 @needs_triton
 def test_kernels_in_the_interpreter():
@@ -116,14 +126,19 @@ def _split_checks(name, run, args, ref, max_q, runs, **scales):
     return oks
 
 
-def codes_tile_check(device: str, pure: bool = False) -> bool:
-    """Every int8 value (-128 too, though never stored) through `_codes_f16` in a [64, 128] tile,
-    scrambled so that a swapped pair of elements shows: each must come back exactly, in place."""
+def codes_tile_check(device: str, pure: bool = False, f32: bool = False) -> bool:
+    """Every int8 value (-128 too, though never stored) through `_codes_f16` (f32: `_words_f32`,
+    the tile read as int32 words) in a [64, 128] tile, scrambled so that a swapped pair of elements shows: each must come back
+    exactly, in place."""
     x = ((torch.arange(64 * 128) * 37 + 11) % 256 - 128).to(torch.int8).view(64, 128).to(device)
     assert sorted(set(x.flatten().tolist())) == list(range(-128, 128))
-    y = torch.full(x.shape, float("nan"), dtype=torch.float16, device=device)
-    _codes_tile[(1,)](x, y, PURE=pure)
-    return torch.equal(y, x.to(torch.float16))
+    dtype = torch.float32 if f32 else torch.float16
+    y = torch.full(x.shape, float("nan"), dtype=dtype, device=device)
+    if f32:
+        _words_tile[(1,)](x, y)
+    else:
+        _codes_tile[(1,)](x, y, PURE=pure)
+    return torch.equal(y, x.to(dtype))
 
 
 def folded_bound(out, q, kc, vc, bt, cu, lens, scale, k_scale, v_scale) -> tuple[bool, float]:
@@ -198,9 +213,37 @@ def _int8_checks(gen, run, hq, hkv, d, page, scale) -> list[bool]:
         ok, ratio = folded_bound(out, *args, scale, scales["k_scale"], scales["v_scale"])
         print(f"{'ok  ' if ok else 'FAIL'} error/bound={ratio:.2f}  int8 fp16 queries {name}", flush=True)
         oks.append(ok)
-    ok = not ta._ASM and codes_tile_check("cpu")
-    print(f"{'ok  ' if ok else 'FAIL'} int8 codes to fp16 (plain conversion): all 256 values, in place", flush=True)
+    ok = not ta._ASM and codes_tile_check("cpu") and codes_tile_check("cpu", f32=True)
+    print(f"{'ok  ' if ok else 'FAIL'} int8 codes to fp16 and fp32 (plain conversion): all 256 values, in place",
+          flush=True)
     oks.append(ok)
+    return oks + _mha_decode_checks(gen, d, page, scale)
+
+
+def _mha_decode_checks(gen, d, page, scale) -> list[bool]:
+    """int8 decode without GQA on CUDA cores (`_decode_mha_kernel`, the default for 16-bit
+    queries): a padding row, one and several tiles, at 1 and 4 splits (folded merge and merge
+    kernel); fp32 queries against the reference, fp16 ones within the folded bound."""
+    from llm_service.layers import triton_attention as ta
+
+    args, scales = _case([(0, 1), (16, 1), (129, 1), (4, 1), (70, 1)], 3, 3, d, page, gen, int8=True)
+    args[5][0] = 0
+    ref = _reference(*args, scale, **scales)
+    oks = []
+    for splits, fold in ((1, True), (4, True), (4, False)):
+        out = torch.full(args[0].shape, float("nan"))
+        ta._split_k(*args, scale, out, 1, num_splits=splits, fold=fold, cuda_cores=True, **scales)
+        oks.append(_check(f"int8 MHA decode, CUDA cores, splits={splits} fold={fold}", out, ref))
+    half = (args[0].half(), *args[1:])
+    for splits in (1, 4):
+        out = ta.paged_attention(*half, scale, max_q_len=1, **scales) if splits == 1 else torch.full(
+            half[0].shape, float("nan"), dtype=torch.float16)
+        if splits > 1:
+            ta._split_k(*half, scale, out, 1, num_splits=splits, **scales)
+        ok, ratio = folded_bound(out, *half, scale, scales["k_scale"], scales["v_scale"])
+        print(f"{'ok  ' if ok else 'FAIL'} error/bound={ratio:.2f}  int8 MHA decode, fp16 queries, splits={splits}",
+              flush=True)
+        oks.append(ok)
     return oks
 
 

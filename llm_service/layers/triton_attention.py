@@ -54,6 +54,7 @@ _LOG2E = 1.4426950408889634
 if AVAILABLE:
     _M_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a masked row never computes inf - inf
     _ASM = tl.constexpr(not triton.knobs.runtime.interpret)  # inline PTX: Triton's interpreter has none
+    _LAZY_RANGE = tl.constexpr(8.0)  # log2 units: how far scores may pass a stale running max
 
     @triton.jit
     def _pdl_launch(PDL: tl.constexpr):
@@ -141,6 +142,34 @@ if AVAILABLE:
         return y
 
     @triton.jit
+    def _words_f32(x):
+        """The four int8 codes packed in each int32 of x (byte i: code 4j + i of word j) as four fp32
+        tensors of x's shape, exactly, for the CUDA-core decode (`_decode_mha_kernel`). Loaded as
+        words, the codes stay four to a register wherever they are kept (a loop-carried int8 tile
+        takes a register per code). Again a magic number rather than I2F: xor 0x80808080 makes each
+        byte code + 128, prmt puts it under 0x4B000000 (the fp32 2^23 + byte) and sub.f32 takes
+        2^23 + 128 off. The interpreter shifts the bytes out instead."""
+        if _ASM:
+            y = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t;
+                xor.b32 t, $4, 0x80808080;
+                prmt.b32 $0, t, 0x4B000000, 0x7540;
+                prmt.b32 $1, t, 0x4B000000, 0x7541;
+                prmt.b32 $2, t, 0x4B000000, 0x7542;
+                prmt.b32 $3, t, 0x4B000000, 0x7543;
+                sub.f32 $0, $0, 0f4B000080;
+                sub.f32 $1, $1, 0f4B000080;
+                sub.f32 $2, $2, 0f4B000080;
+                sub.f32 $3, $3, 0f4B000080;
+                }""",
+                "=r,=r,=r,=r,r", [x], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        else:
+            y = ((x << 24) >> 24).to(tl.float32), ((x << 16) >> 24).to(tl.float32), \
+                ((x << 8) >> 24).to(tl.float32), (x >> 24).to(tl.float32)
+        return y
+
+    @triton.jit
     def _rope_store_kernel(
         q_ptr, k_ptr, v_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr,
         stride_qt, stride_qh, stride_qot, stride_qoh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -214,15 +243,12 @@ if AVAILABLE:
         return offs_n, n_mask, page, offs_n % PAGE
 
     @triton.jit
-    def _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
-                 stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
-                 QUANT: tl.constexpr, IEEE: tl.constexpr):
-        """The K and V tiles of those keys (0 where masked), both loads issued before either is
-        used: V's does not wait behind the QK product where the loads are not pipelined, and
-        their row scales (zeros without QUANT, unused). QUANT: int8 codes and their scales (K's
-        and V's at the same strides, 0 where masked); with IEEE (fp32 queries) the tiles are
-        dequantized to fp32, else they are the codes as fp16 (`_softmax_step` folds the scales in;
-        QUANT 2: converted by `_codes_f16` with PURE)."""
+    def _load_tiles(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
+                    stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, QUANT: tl.constexpr):
+        """The K and V tiles of those keys as stored (0 where masked), both loads issued before
+        either is used: V's does not wait behind the QK product where the loads are not
+        pipelined, and their row scales (QUANT: an int8 cache's, K's and V's at the same strides,
+        0 where masked; else zeros, unused)."""
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + page[:, None] * stride_kb + off[:, None] * stride_ks + offs_d[None, :],
                     mask=kv_mask, other=0.0)
@@ -234,6 +260,18 @@ if AVAILABLE:
             row = page * stride_sb + off * stride_ss
             k_scale = tl.load(ks_base + row, mask=n_mask, other=0.0)
             v_scale = tl.load(vs_base + row, mask=n_mask, other=0.0)
+        return k, v, k_scale, v_scale
+
+    @triton.jit
+    def _load_kv(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
+                 stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+                 QUANT: tl.constexpr, IEEE: tl.constexpr):
+        """`_load_tiles`, an int8 cache's codes converted for the dots: with IEEE (fp32 queries)
+        dequantized to fp32, else the codes as fp16 (`_softmax_step` folds the scales in; QUANT 2:
+        converted by `_codes_f16` with PURE)."""
+        k, v, k_scale, v_scale = _load_tiles(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_d, d_mask,
+                                             stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, QUANT)
+        if QUANT:
             if IEEE:
                 k, v = _dequant(k, k_scale, tl.float32), _dequant(v, v_scale, tl.float32)
             else:
@@ -364,6 +402,22 @@ if AVAILABLE:
         return split_len, tl.maximum(tl.cdiv(seq_len, tl.maximum(split_len, 1)), 1)
 
     @triton.jit
+    def _split_program(cu_ptr, lens_ptr, num_splits, PDL: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The start of a split program (b, pid, split): lets the next kernel launch, then reads
+        what it may read before the PDL wait (see `_split_kernel`). Returns (b, pid, split, its
+        sequence's first query row, q_len, seq_len, its keys' range start..end, active splits)."""
+        b = tl.program_id(0)
+        pid = tl.program_id(1)
+        split = tl.program_id(2)
+        _pdl_launch(PDL)
+        q_row = tl.load(cu_ptr + b)
+        q_len = tl.load(cu_ptr + b + 1) - q_row
+        seq_len = tl.load(lens_ptr + b)
+        split_len, active = _split_range(seq_len, num_splits, BLOCK_N)
+        start = split * split_len
+        return b, pid, split, q_row, q_len, seq_len, start, tl.minimum(start + split_len, seq_len), active
+
+    @triton.jit
     def _rows(pid, q_row, q_len, GROUP: tl.constexpr, CHUNKS: tl.constexpr,
               BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr):
         """The rows of split program `pid` (axis 1): BLOCK_H query heads (chunk pid % CHUNKS of
@@ -397,6 +451,34 @@ if AVAILABLE:
             acc = acc * alpha[:, None] + a_s * beta[:, None]
             m_i = m_new
         return acc, l_i
+
+    @triton.jit
+    def _finish_split(o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr, b, pid, toks, heads, row_ok, offs_d, d_mask,
+                      m_i, l_i, acc, split, active, num_q_heads, num_splits, stride_ot, stride_oh,
+                      D: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+        """A split program's rows (max, sum, acc) to the output: written directly when the
+        sequence's keys fit one split, else stored as this split's partial and, with FOLD, merged
+        by the split that finishes last (the counter of program (b, pid); see `_split_kernel`)."""
+        mask = row_ok[:, None] & d_mask[None, :]
+        if SPLIT:
+            if active > 1:
+                part0 = (toks * num_q_heads + heads) * num_splits
+                tl.store(mpart_ptr + part0 + split, m_i, mask=row_ok)
+                tl.store(lpart_ptr + part0 + split, l_i, mask=row_ok)
+                tl.store(apart_ptr + (part0 + split)[:, None] * D + offs_d[None, :], acc, mask=mask)
+                if FOLD:
+                    tl.debug_barrier()
+                    counter = cnt_ptr + b * tl.num_programs(1) + pid
+                    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
+                        tl.store(counter, 0)
+                        acc, l_i = _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, part0, active, row_ok,
+                                                 offs_d, d_mask, D, BLOCK_R, BLOCK_D)
+                        _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
+            else:
+                _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
+        else:
+            _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
 
     @triton.jit
     def _split_kernel(
@@ -443,16 +525,8 @@ if AVAILABLE:
         more than one split only. The first tile's step is the loop's first step moved before
         it, so the result is bitwise the same either way.
         """
-        b = tl.program_id(0)
-        pid = tl.program_id(1)
-        split = tl.program_id(2)
-        _pdl_launch(PDL)
-        q_row = tl.load(cu_ptr + b)
-        q_len = tl.load(cu_ptr + b + 1) - q_row
-        seq_len = tl.load(lens_ptr + b)
-        split_len, active = _split_range(seq_len, num_splits, BLOCK_N)
-        start = split * split_len
-        end = tl.minimum(start + split_len, seq_len)
+        b, pid, split, q_row, q_len, seq_len, start, end, active = _split_program(cu_ptr, lens_ptr, num_splits, PDL,
+                                                                                  BLOCK_N)
         kvh, heads, toks, j, row_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
@@ -499,24 +573,88 @@ if AVAILABLE:
                 q, pos, m_i, l_i, acc, n0, end, k_base, v_base, ks_base, vs_base, bt_row, offs_d, d_mask, qk_scale,
                 stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N, True)
 
-        if SPLIT:
-            if active > 1:
-                part0 = (toks * num_q_heads + heads) * num_splits
-                tl.store(mpart_ptr + part0 + split, m_i, mask=row_ok)
-                tl.store(lpart_ptr + part0 + split, l_i, mask=row_ok)
-                tl.store(apart_ptr + (part0 + split)[:, None] * D + offs_d[None, :], acc, mask=mask)
-                if FOLD:
-                    tl.debug_barrier()
-                    counter = cnt_ptr + b * tl.num_programs(1) + pid
-                    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
-                        tl.store(counter, 0)
-                        acc, l_i = _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, part0, active, row_ok,
-                                                 offs_d, d_mask, D, BLOCK_H * BLOCK_Q, BLOCK_D)
-                        _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
-            else:
-                _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
-        else:
-            _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
+        _finish_split(o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr, b, pid, toks, heads, row_ok, offs_d, d_mask,
+                      m_i, l_i, acc, split, active, num_q_heads, num_splits, stride_ot, stride_oh, D, SPLIT, FOLD,
+                      BLOCK_H * BLOCK_Q, BLOCK_D)
+
+    @triton.jit
+    def _decode_mha_kernel(
+        q_ptr, kc_ptr, vc_ptr, o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr,
+        bt_ptr, cu_ptr, lens_ptr, qk_scale, num_splits, num_q_heads,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        ks_ptr, vs_ptr, stride_sb, stride_ss, stride_sh,
+        D: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Decode over an int8 cache without GQA (one query row per kv head) on CUDA cores: one
+        program per (sequence, head, split). The tensor-core kernel pads that row to 16 and
+        converts each code tile to fp16 in the dots' operand layout; here the codes go straight
+        from their loads, as int32 words, to fp32 (`_words_f32`) and into products with q, four
+        vectors for the four bytes of a word, so the program holds
+        no converted tile and no padding (`bench/KERNELS.md`, "int8 decode").
+
+        Each of the tile's BLOCK_N key slots keeps its own sum and row of acc over the keys
+        n0 + slot of successive tiles, against one running max that is raised only when a tile's
+        top score passes it by more than _LAZY_RANGE (weights up to 2^8 meanwhile, harmless in
+        fp32): most tiles then skip rescaling acc, and the slots are summed once at the end. The
+        scales fold in as in `_softmax_step`: scores (q . codes) * k_scale, weights p * v_scale
+        (in fp32 here). Each step loads the next tile before it works on its own (carried in
+        registers: 2-6% faster at W2's shapes than Triton's pipelining through shared memory at
+        2-4 stages, `kernels_check.py --cc`). q_len is 1 (cu_seqlens step by 1; 0 for a padding
+        row)."""
+        b, h, split, tok, q_len, seq_len, start, end, active = _split_program(cu_ptr, lens_ptr, num_splits, PDL, BLOCK_N)
+        _pdl_wait(PDL)
+        if q_len == 0:
+            return
+        if split >= active:
+            return
+        offs_w = tl.arange(0, BLOCK_D // 4)  # words of 4 codes; element d = 4 * word + byte
+        w_mask = offs_w < D // 4
+        q_row = q_ptr + tok * stride_qt + h * stride_qh + 4 * offs_w
+        q0 = tl.load(q_row, mask=w_mask, other=0.0).to(tl.float32)
+        q1 = tl.load(q_row + 1, mask=w_mask, other=0.0).to(tl.float32)
+        q2 = tl.load(q_row + 2, mask=w_mask, other=0.0).to(tl.float32)
+        q3 = tl.load(q_row + 3, mask=w_mask, other=0.0).to(tl.float32)
+        k_base = (kc_ptr + h * stride_kh).to(tl.pointer_type(tl.int32))
+        v_base = (vc_ptr + h * stride_vh).to(tl.pointer_type(tl.int32))
+        ks_base, vs_base = ks_ptr + h * stride_sh, vs_ptr + h * stride_sh
+        wkb, wks = tl.multiple_of(stride_kb // 4, 4), tl.multiple_of(stride_ks // 4, 4)
+        wvb, wvs = tl.multiple_of(stride_vb // 4, 4), tl.multiple_of(stride_vs // 4, 4)
+        bt_row = bt_ptr + b * stride_bt
+        m_top = tl.full([], _M_INIT, tl.float32)
+        l = tl.zeros([BLOCK_N], tl.float32)
+        a0 = tl.zeros([BLOCK_N, BLOCK_D // 4], tl.float32)
+        a1, a2, a3 = a0, a0, a0
+        _, n_mask, page, off = _tile_pages(bt_row, start, end, PAGE, BLOCK_N)
+        k, v, k_scale, v_scale = _load_tiles(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_w, w_mask,
+                                             wkb, wks, wvb, wvs, stride_sb, stride_ss, 1)
+        for n0 in range(start, end, BLOCK_N):  # this tile was loaded the step before; load the next (masked past the end)
+            mask_now, k_now, v_now, ks_now, vs_now = n_mask, k, v, k_scale, v_scale
+            _, n_mask, page, off = _tile_pages(bt_row, n0 + BLOCK_N, end, PAGE, BLOCK_N)
+            k, v, k_scale, v_scale = _load_tiles(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_w, w_mask,
+                                                 wkb, wks, wvb, wvs, stride_sb, stride_ss, 1)
+            k0, k1, k2, k3 = _words_f32(k_now)
+            s = tl.sum(k0 * q0[None, :] + k1 * q1[None, :] + k2 * q2[None, :] + k3 * q3[None, :], 1)
+            s = tl.where(mask_now, s * ks_now * qk_scale, float("-inf"))
+            top = tl.max(s, 0)
+            if top > m_top + _LAZY_RANGE:
+                alpha = tl.exp2(m_top - top)
+                l, a0, a1, a2, a3, m_top = l * alpha, a0 * alpha, a1 * alpha, a2 * alpha, a3 * alpha, top
+            p = tl.exp2(s - m_top)
+            l += p
+            w = (p * vs_now)[:, None]
+            v0, v1, v2, v3 = _words_f32(v_now)
+            a0, a1, a2, a3 = a0 + w * v0, a1 + w * v1, a2 + w * v2, a3 + w * v3
+        l_row = tl.zeros([1], tl.float32) + tl.sum(l, 0)
+        acc_row = tl.reshape(tl.join(tl.join(tl.sum(a0, 0), tl.sum(a2, 0)), tl.join(tl.sum(a1, 0), tl.sum(a3, 0))),
+                             [BLOCK_D])[None, :]  # interleaved back: element 4 * word + byte
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        one = tl.zeros([1], tl.int32)
+        _finish_split(o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr, b, h, tok + one, h + one, one == 0, offs_d,
+                      d_mask, m_top + tl.zeros([1], tl.float32), l_row, acc_row, split, active, num_q_heads,
+                      num_splits, stride_ot, stride_oh, D, SPLIT, FOLD, 1, BLOCK_D)
 
     @triton.jit
     def _merge_kernel(
@@ -755,22 +893,33 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, out, max_q_len, *,
-             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, num_splits: int | None = None, fold: bool | None = None, use_pdl: bool | None = None,
-             early: bool | None = None, block_n: int = 64, num_warps: int | None = None,
-             num_stages: int | None = None, pipe_codes: bool | None = None) -> None:
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, num_splits: int | None = None,
+             fold: bool | None = None, use_pdl: bool | None = None, early: bool | None = None,
+             block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+             pipe_codes: bool | None = None, cuda_cores: bool | None = None) -> None:
     """Split-K attention for decode (max_q_len 1) and short prefills; the keyword knobs exist
     for bench/kernels_check.py's sweeps (fold/use_pdl None: FOLD and pdl's defaults; early None:
     the kernel's EARLY with more than one split, when one wave of programs runs it and latency
-    rules, not at one split, where many waves do and its registers would cost occupancy; warps,
-    stages and pipe_codes None: 4 warps and 2 stages, and an int8 cache's codes converted where
-    they are loaded; for int8 decode 2 warps, 2 stages and the codes converted where the dots
-    read them, so their loads pipeline: 4-17% faster at W2's 64-256 sequences on an H100,
-    `kernels_check.py --w2 --int8` and `--pipe`)."""
+    rules, not at one split, where many waves do and its registers would cost occupancy; tiles,
+    stages and pipe_codes None: 64 keys, 4 warps and 2 stages, and an int8 cache's codes
+    converted where they are loaded; for int8 decode 2 warps, 2 stages and the codes converted
+    where the dots read them, so their loads pipeline: 4-17% faster at W2's 64-256 sequences on
+    an H100, `kernels_check.py --w2 --int8` and `--pipe`). cuda_cores None: int8 decode of 16-bit
+    queries without GQA takes `_decode_mha_kernel` (16 keys, 2 warps: 19-20% faster than the
+    tensor-core kernel at W2's shapes, `kernels_check.py --cc`); fp32 queries keep the
+    tensor-core kernel, whose fp32 path reads `dequantize_kv`'s values."""
     B = seq_lens.shape[0]
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
     group = Hq // Hkv
     page = k_cache.shape[1]
+    scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
+    int8_decode = quant and max_q_len == 1
+    if cuda_cores is None:
+        cuda_cores = int8_decode and group == 1 and q.dtype != torch.float32
+    if cuda_cores and (not int8_decode or group != 1 or D % 4):
+        raise ValueError("the CUDA-core decode kernel takes int8 caches, one query per sequence, no GQA, head_dim % 4 == 0")
+    block_n = block_n or (16 if cuda_cores else 64)
     block_q, block_h, chunks = _split_rows(group, max_q_len)
     if num_splits is None:
         num_splits = _num_splits(B, Hkv * chunks, block_tables.shape[1] * page, block_n, _sm_count(q.device))
@@ -786,22 +935,32 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
     counters = _counters(q.device, B * Hkv * chunks) if split and fold else out
     block_d = triton.next_power_of_2(D)
     launch = _launch_pdl(q.device, use_pdl)
-    scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
-    int8_decode = quant and max_q_len == 1
-    num_warps = num_warps or (2 if int8_decode else 4)
-    num_stages = num_stages or 2
-    pipe_codes = int8_decode if pipe_codes is None else pipe_codes
-    _split_kernel[(B, Hkv * chunks, num_splits)](
-        q, k_cache, v_cache, out, mpart, lpart, apart, counters,
-        block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E, num_splits, Hq,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        *_cache_strides(k_cache, v_cache), block_tables.stride(0), *scales,
-        GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
-        QUANT=(2 if pipe_codes else 1) if quant else 0, SPLIT=split, FOLD=fold, EARLY=early, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=num_stages, **launch,
-    )
+    if cuda_cores:
+        _decode_mha_kernel[(B, Hq, num_splits)](
+            q, k_cache, v_cache, out, mpart, lpart, apart, counters,
+            block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E, num_splits, Hq,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            *_cache_strides(k_cache, v_cache), block_tables.stride(0), *scales,
+            D=D, PAGE=page, SPLIT=split, FOLD=fold, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps or 2,
+            **launch,
+        )
+    else:
+        num_warps = num_warps or (2 if int8_decode else 4)
+        pipe_codes = int8_decode if pipe_codes is None else pipe_codes
+        _split_kernel[(B, Hkv * chunks, num_splits)](
+            q, k_cache, v_cache, out, mpart, lpart, apart, counters,
+            block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E, num_splits, Hq,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            *_cache_strides(k_cache, v_cache), block_tables.stride(0), *scales,
+            GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
+            QUANT=(2 if pipe_codes else 1) if quant else 0, SPLIT=split, FOLD=fold, EARLY=early, BLOCK_H=block_h,
+            BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages or 2,
+            **launch,
+        )
     if split and not fold:
-        _merge_kernel[(B, Hkv * chunks)](
+        if cuda_cores:  # one row per program
+            group = chunks = block_h = block_q = 1
+        _merge_kernel[(B, Hq if cuda_cores else Hkv * chunks)](
             out, mpart, lpart, apart, cu_seqlens_q, seq_lens, num_splits, Hq, out.stride(0), out.stride(1),
             GROUP=group, CHUNKS=chunks, D=D, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=4, **launch,

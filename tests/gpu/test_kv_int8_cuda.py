@@ -2,7 +2,8 @@
 gives the CPU reference's codes and scales bit for bit (bf16 and fp32, with and without rotary),
 the inline-asm conversion of the codes gives every int8 value back exactly, the prefill and split
 kernels over int8 caches match a float64 reference over the values they compute with (fp32
-closely, 16-bit within the bound of their roundings), decode replays from a CUDA graph, and the
+closely, 16-bit within the bound of their roundings), so does the CUDA-core decode of MHA models
+at each tile, decode replays from a CUDA graph, and the
 tiny model's engine runs over an int8 cache."""
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ def test_store_gives_the_reference_codes_and_scales(dtype):
 
 def test_codes_convert_exactly_with_the_inline_asm():
     assert ta._ASM and codes_tile_check("cuda") and codes_tile_check("cuda", pure=True)
+    assert codes_tile_check("cuda", f32=True)
 
 
 def _batch(seqs, hq, hkv, d, dtype):
@@ -119,6 +121,22 @@ def test_prefill_and_split_kernels_over_int8(hq, hkv, d, dtype):
             ta._split_k(q, caches[0], caches[1], bt, cu, lens, d ** -0.5, out, 64, num_splits=splits, early=early,
                         **scales)
             _check(out, q, caches, bt, cu, lens, d ** -0.5)
+
+
+@pytest.mark.parametrize("block_n,warps", [(16, 1), (16, 2), (32, 4), (64, 2)])
+def test_mha_decode_on_cuda_cores(block_n, warps):
+    """int8 decode without GQA, CUDA-core kernel: tile sizes and warp counts at 1 and 4 splits
+    (folded, and merged by the merge kernel), 16-bit queries within the folded bound and fp32
+    ones against float64 (the default sends fp32 to the tensor-core kernel)."""
+    lengths = [1, 17, 64, 300, 1500, 2]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        q, caches, bt, cu, lens = _batch([(L - 1, 1) for L in lengths], 32, 32, 128, dtype)
+        for splits, fold in ((1, True), (4, True), (4, False)):
+            out = torch.full_like(q, float("nan"))
+            ta._split_k(q, caches[0], caches[1], bt, cu, lens, 128 ** -0.5, out, 1, k_scale=caches[2],
+                        v_scale=caches[3], num_splits=splits, fold=fold, block_n=block_n, num_warps=warps,
+                        cuda_cores=True)
+            _check(out, q, caches, bt, cu, lens, 128 ** -0.5)
 
 
 @pytest.mark.parametrize("hq,hkv,d,dtype", CASES)
