@@ -3,7 +3,9 @@ batcher whose worker thread owns the model, pipelined with a finisher thread.
 
 Callers from any asyncio loop enqueue prepared images; the worker takes up to
 `max_batch_size` tiles across *all* pending callers, waiting at most
-`batch_window_ms` after the oldest queued image for more, and launches one forward.
+`batch_window_ms` after the oldest queued image for more, and launches one forward
+(on CUDA on a high-priority stream of its own, so that it never waits behind a
+co-located LLM engine's queued steps).
 The finisher copies each batch's embeddings to the host (on a stream of its own on
 CUDA) and resolves each caller's futures on that caller's loop, while the worker
 already launches the next batch: at most two batches are in flight, so under load
@@ -122,7 +124,12 @@ class VisionEngine:
         self._prep = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vision-prep")
         self._slots = threading.Semaphore(_IN_FLIGHT)
         self._launched: queue.SimpleQueue[_Launched | None] = queue.SimpleQueue()
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        cuda = self.device.type == "cuda"
+        # the forwards' own stream, at high priority: an LLM engine on the same device (the embedded
+        # pipeline) queues whole steps on its stream, behind which a forward on the default stream
+        # waited, starving the LLM of the images it needs next (W2's start: bench/RESULTS.md)
+        self._stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._staging: torch.Tensor | None = None  # pinned, reused by every batch (the finisher's)
         self._worker = threading.Thread(target=self._run, name="vision-worker", daemon=True)
         self._finisher = threading.Thread(target=self._finish_all, name="vision-finisher", daemon=True)
@@ -236,15 +243,16 @@ class VisionEngine:
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            while True:
-                self._slots.acquire()  # form the batch only once the device can take it: it grows meanwhile
-                batch = self._next_batch()
-                if batch is None:
-                    break
-                if batch:
-                    self._launch(batch)
-                else:
-                    self._slots.release()
+            with torch.cuda.stream(self._stream):  # None (CPU): no stream
+                while True:
+                    self._slots.acquire()  # form the batch only once the device can take it: it grows meanwhile
+                    batch = self._next_batch()
+                    if batch is None:
+                        break
+                    if batch:
+                        self._launch(batch)
+                    else:
+                        self._slots.release()
         except BaseException as e:  # never leave callers waiting on a dead worker
             logger.exception("vision worker died")
             self._shut(f"worker died: {e!r}")

@@ -64,3 +64,21 @@ def test_small_batches_replay_graphs(tiny_llava, monkeypatch):
         assert engine.model.forward is engine.model.module
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_forwards_do_not_wait_behind_the_default_stream(tiny_llava):
+    """An LLM engine in the same process queues its steps on the default stream: the vision
+    engine's forwards run on a high-priority stream of their own, so an image is encoded while
+    the default stream is still busy (a forward there would wait for it)."""
+    engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=4, device="cuda", dtype="float32"))
+    try:
+        asyncio.run(engine.encode([image_input(png(Image.fromarray(noise(60, 50, 3))))]))  # warm
+        assert engine._stream.priority < torch.cuda.default_stream().priority
+        torch.cuda._sleep(1 << 32)  # several seconds of spinning on the default stream
+        (embedding,) = asyncio.run(engine.encode([image_input(png(Image.fromarray(noise(70, 40, 5))))]))
+        assert not torch.cuda.default_stream().query()  # the sleep is still running
+        assert torch.isfinite(embedding.embedding).all()
+    finally:
+        torch.cuda.synchronize()
+        engine.close()
