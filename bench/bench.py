@@ -139,6 +139,37 @@ class GcPauses:
                 "gc_longest_ms": round(self.longest_ms, 1)}
 
 
+class TritonCompiles:
+    """Triton kernels compiled while entered (a compile mid-workload stalls the thread that
+    launches: ~0.5-1 s each on the GPU machine): kernel name and seconds, in order."""
+
+    def __init__(self):
+        self.compiles: list[tuple[str, float]] = []
+        self._started: dict = {}
+
+    def _before(self, *, key, fn, **_) -> None:
+        self._started[str(key)] = time.perf_counter()
+        return None  # None: go on and compile
+
+    def _after(self, *, key, fn, **_) -> None:
+        started = self._started.pop(str(key), None)
+        self.compiles.append((fn.name, round(time.perf_counter() - started, 2) if started else None))
+
+    def __enter__(self) -> "TritonCompiles":
+        try:
+            from triton import knobs
+        except ImportError:
+            return self
+        self._knobs = knobs.runtime
+        self._saved = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+        knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._before, self._after
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if hasattr(self, "_saved"):
+            self._knobs.jit_cache_hook, self._knobs.jit_post_compile_hook = self._saved
+
+
 def _alloc_retries() -> int:
     return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
 
@@ -170,14 +201,14 @@ class Report:
     def stage(self, path: str):
         """Run a stage: time it, and on failure store {"error": ...} at `path` and carry on.
         Also records what stalls a stage from outside its code: the garbage collector's pauses
-        (every thread's) and the CUDA allocator's retries (a cudaMalloc that failed, freed the
-        cache and synchronized the device)."""
+        (every thread's), the CUDA allocator's retries (a cudaMalloc that failed, freed the
+        cache and synchronized the device) and Triton's compiles."""
         t0 = time.perf_counter()
         print(f"[bench] {path} ...", flush=True)
-        pauses = GcPauses()
+        pauses, compiles = GcPauses(), TritonCompiles()
         retries = _alloc_retries()
         try:
-            with pauses:
+            with pauses, compiles:
                 yield
         except Exception as e:  # noqa: BLE001  (one failed stage must not lose the others)
             traceback.print_exc()
@@ -187,7 +218,10 @@ class Report:
         finally:
             seconds = round(time.perf_counter() - t0, 1)
             self.data["stage_seconds"][path] = seconds
-            self.data.setdefault("stalls", {})[path] = {**pauses.summary(), "alloc_retries": _alloc_retries() - retries}
+            self.data.setdefault("stalls", {})[path] = {**pauses.summary(), "alloc_retries": _alloc_retries() - retries,
+                                                        "triton_compiles": compiles.compiles}
+            if compiles.compiles and path.startswith("prism.W"):
+                print(f"[bench] {path}: Triton compiled {compiles.compiles} mid-workload", flush=True)
             print(f"[bench] {path} done in {seconds}s", flush=True)
             self.save()
 
@@ -567,6 +601,8 @@ def schedule_summary(log, start: float, end: float) -> dict:
         "decode_step_s": sum(d for _, d in decode),
         "decode_rows_mean": statistics.fmean(r.decode_rows for r, _ in decode) if decode else 0,
         "max_running": max(r.running for r in steps),
+        "first_steps_at_s_prefill_decode": [(round(r.launched_at - start, 3), r.prefill_tokens, r.decode_rows)
+                                            for r in steps[:12]],
     }
 
 
