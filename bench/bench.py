@@ -141,19 +141,27 @@ class GcPauses:
 
 class TritonCompiles:
     """Triton kernels compiled while entered (a compile mid-workload stalls the thread that
-    launches: ~0.5-1 s each on the GPU machine): kernel name and seconds, in order."""
+    launches: ~0.5-1 s each on the GPU machine): kernel name, seconds and the specialization
+    (argument types, attributes such as divisibility by 16, arguments fixed as constants: what
+    made it a new variant), in order."""
 
     def __init__(self):
-        self.compiles: list[tuple[str, float]] = []
+        self.compiles: list[tuple[str, float | None, str]] = []
         self._started: dict = {}
 
     def _before(self, *, key, fn, **_) -> None:
         self._started[str(key)] = time.perf_counter()
         return None  # None: go on and compile
 
-    def _after(self, *, key, fn, **_) -> None:
+    def _after(self, *, key, fn, compile, **_) -> None:
         started = self._started.pop(str(key), None)
-        self.compiles.append((fn.name, round(time.perf_counter() - started, 2) if started else None))
+        try:  # Triton's hook arguments are not a stable interface
+            spec = {name: ty for name, ty in compile["signature"].items() if ty != "constexpr"}
+            spec["attrs"] = {fn.jit_function.arg_names[i[0]]: a for i, a in compile["configs"][0].items()}
+            spec["constants"] = {str(k): str(v) for k, v in compile["constants"].items()}
+        except Exception as e:  # noqa: BLE001
+            spec = f"unread: {e!r}"
+        self.compiles.append((fn.name, round(time.perf_counter() - started, 2) if started else None, str(spec)))
 
     def __enter__(self) -> "TritonCompiles":
         try:
@@ -221,7 +229,7 @@ class Report:
             self.data.setdefault("stalls", {})[path] = {**pauses.summary(), "alloc_retries": _alloc_retries() - retries,
                                                         "triton_compiles": compiles.compiles}
             if compiles.compiles and path.startswith("prism.W"):
-                print(f"[bench] {path}: Triton compiled {compiles.compiles} mid-workload", flush=True)
+                print(f"[bench] {path}: Triton compiled {[c[:2] for c in compiles.compiles]} mid-workload", flush=True)
             print(f"[bench] {path} done in {seconds}s", flush=True)
             self.save()
 

@@ -55,6 +55,10 @@ if AVAILABLE:
     _M_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a masked row never computes inf - inf
     _ASM = tl.constexpr(not triton.knobs.runtime.interpret)  # inline PTX: Triton's interpreter has none
     _LAZY_RANGE = tl.constexpr(8.0)  # log2 units: how far scores may pass a stale running max
+    # Integers that change from step to step (the block table's width, the split count): Triton
+    # would compile a variant for each value class (1, a multiple of 16, other) it meets, mid-serving
+    # (~0.7 s each on an H100 host; W2 met three of `_decode_mha_kernel` outside the decode graphs)
+    _STEP_VARYING = ["num_splits", "stride_bt"]
 
     @triton.jit
     def _pdl_launch(PDL: tl.constexpr):
@@ -169,7 +173,9 @@ if AVAILABLE:
                 ((x << 8) >> 24).to(tl.float32), (x >> 24).to(tl.float32)
         return y
 
-    @triton.jit
+    # positions: a view into the step's one flat int64 tensor (distributed/step.py), 16-byte
+    # aligned only when the step has an even token count; read one per program, so not worth a variant
+    @triton.jit(do_not_specialize_on_alignment=["pos_ptr"])
     def _rope_store_kernel(
         q_ptr, k_ptr, v_ptr, q_out_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, cos_ptr, sin_ptr,
         stride_qt, stride_qh, stride_qot, stride_qoh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -336,7 +342,7 @@ if AVAILABLE:
         tl.store(o_ptr + toks[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["seq0"])
+    @triton.jit(do_not_specialize=["seq0", "stride_bt"])
     def _prefill_kernel(
         q_ptr, kc_ptr, vc_ptr, o_ptr, bt_ptr, cu_ptr, lens_ptr, seq0, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
@@ -480,7 +486,7 @@ if AVAILABLE:
         else:
             _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_VARYING)
     def _split_kernel(
         q_ptr, kc_ptr, vc_ptr, o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr,
         bt_ptr, cu_ptr, lens_ptr, qk_scale, num_splits, num_q_heads,
@@ -577,7 +583,7 @@ if AVAILABLE:
                       m_i, l_i, acc, split, active, num_q_heads, num_splits, stride_ot, stride_oh, D, SPLIT, FOLD,
                       BLOCK_H * BLOCK_Q, BLOCK_D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=_STEP_VARYING)
     def _decode_mha_kernel(
         q_ptr, kc_ptr, vc_ptr, o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr,
         bt_ptr, cu_ptr, lens_ptr, qk_scale, num_splits, num_q_heads,
@@ -656,7 +662,7 @@ if AVAILABLE:
                       d_mask, m_top + tl.zeros([1], tl.float32), l_row, acc_row, split, active, num_q_heads,
                       num_splits, stride_ot, stride_oh, D, SPLIT, FOLD, 1, BLOCK_D)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _merge_kernel(
         o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cu_ptr, lens_ptr, num_splits, num_q_heads, stride_ot, stride_oh,
         GROUP: tl.constexpr, CHUNKS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
