@@ -131,6 +131,10 @@ class VisionEngine:
         self._stream = torch.cuda.Stream(self.device, priority=-1) if cuda else None
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._staging: torch.Tensor | None = None  # pinned, reused by every batch (the finisher's)
+        if cuda:  # pinned now: a cudaHostAlloc under load (~1 ms per MB) stalls every CUDA call of the process
+            self.model.reserve(self.config.max_batch_size)
+            embedding = self.model.rows * self.model.hidden_size * self.dtype.itemsize
+            self._staging = torch.empty(self.config.max_batch_size * embedding, dtype=torch.uint8, pin_memory=True)
         self._worker = threading.Thread(target=self._run, name="vision-worker", daemon=True)
         self._finisher = threading.Thread(target=self._finish_all, name="vision-finisher", daemon=True)
         self._worker.start()

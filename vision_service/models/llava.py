@@ -17,7 +17,7 @@ from torch import nn
 
 from vision_service.checkpoint import Checkpoint
 from vision_service.graphs import GraphedForward, eager_requested
-from vision_service.models.base import PreparedImage, activation, lookup_pixels
+from vision_service.models.base import PinnedStaging, PreparedImage, activation, lookup_pixels
 from vision_service.preprocess import ImageProcessorConfig, lookup, pixel_table, to_pixels
 from vision_service.types import ImageEmbedding
 
@@ -151,6 +151,7 @@ class LlavaVision:
         self.table = pixel_table(self.processor)
         # Off the CPU, images travel as uint8 and rescale + normalize run there, batched.
         self.lookup_on_device = device.type != "cpu"
+        self._staging = PinnedStaging()  # the batch's uint8 pixels on their way to the device
         self.device_table = torch.from_numpy(self.table).to(device, dtype)
 
         keys = ckpt.keys()
@@ -217,19 +218,16 @@ class LlavaVision:
             raise ValueError(f"preprocessed image is {pixels.shape}, the vision tower needs {expected}")
         if not self.lookup_on_device:
             return PreparedImage(torch.from_numpy(lookup(pixels, self.table)).unsqueeze(0))
-        staged = torch.empty((1, *expected), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        staged.numpy()[0] = pixels  # pinned, so the copy to the device overlaps the forward before it
-        return PreparedImage(staged)
+        return PreparedImage(torch.from_numpy(pixels.copy()).unsqueeze(0))  # pageable: encode stages the batch
+
+    def reserve(self, tiles: int) -> None:
+        if self.lookup_on_device:
+            self._staging.reserve(tiles * self.image_size * self.image_size * 3, torch.uint8)
 
     @torch.inference_mode()
     def encode(self, batch: list[PreparedImage]) -> list[ImageEmbedding]:
         if self.lookup_on_device:
-            pixels = torch.empty((sum(p.tiles for p in batch), *batch[0].pixel_values.shape[1:]),
-                                 dtype=torch.uint8, device=self.device)
-            row = 0
-            for p in batch:
-                pixels[row : row + p.tiles].copy_(p.pixel_values, non_blocking=True)
-                row += p.tiles
+            pixels = self._staging.to_device([p.pixel_values for p in batch], self.device)
             pixel_values = lookup_pixels(pixels, self.device_table)
         else:
             pixel_values = torch.cat([p.pixel_values for p in batch])
