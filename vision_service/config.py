@@ -8,7 +8,8 @@ from dataclasses import dataclass
 class VisionConfig:
     """max_batch_size: images (or tiles) per vision forward, across all callers.
     batch_window_ms: how long the batcher waits for more images once one is queued.
-    preprocess_threads: threads decoding and preprocessing images; 0 is one per usable core.
+    preprocess_threads: threads decoding and preprocessing images; 0 is one per usable core, at most
+    DEFAULT_PREP_THREADS (vision_service/engine.py).
     thread_safe: accepted for LMDeploy compatibility; it has no effect there either."""
 
     max_batch_size: int = 1

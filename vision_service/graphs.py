@@ -2,10 +2,12 @@
 
 A LLaVA-1.5 tower and projector are some 300 kernels. Launched one by one from Python they took
 9 ms of the H100 bench host's time for one image, whose forward needs a few ms of GPU: a lone
-request's first token waited on the launches (bench.py --profile, "W1 new image"). Batches of up
-to `SIZES[-1]` images therefore replay a graph captured once per size (the smallest that holds
-the batch; the rows past it recompute the previous batch's pixels, and nothing reads them).
-Larger batches keep the GPU busy for longer than their launches take and run eagerly.
+request's first token waited on the launches (bench.py --profile, "W1 new image"). Batches
+therefore replay a graph captured once per size (the smallest that holds the batch; the rows past
+it recompute the previous batch's pixels, and nothing reads them), up to the engine's
+max_batch_size: large batches keep the GPU busier than their launches take, but beside an LLM
+engine in the same process (the embedded pipeline) those launches are Python that competes for
+the GIL with the engine's own, and in W2's burst the vision worker spent all its time launching.
 PRISM_EAGER=1 turns the graphs off, as it does the LLM tier's.
 
 The capture loop and the size pick live here and the LLM tier's graphs (llm_service/engine/
@@ -20,6 +22,16 @@ from typing import Callable
 import torch
 
 SIZES = (1, 2, 4, 8)
+
+
+def graph_sizes(max_batch: int) -> list[int]:
+    """SIZES, then powers of two below `max_batch` and `max_batch` itself: the batch sizes an
+    engine of that max_batch_size replays."""
+    sizes, size = set(SIZES), SIZES[-1] * 2
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes | {max_batch})
 
 
 def eager_requested() -> bool:
@@ -59,14 +71,14 @@ def capture_graphs(sizes: list[int], forward: Callable[[int], None], device: tor
 
 class GraphedForward:
     """`forward(pixel_values)` for pixel batches of one shape, replayed from a graph per size
-    up to SIZES[-1] and eager beyond. The output is the caller's own tensor (a copy out of the
+    of `graph_sizes(max_batch)` and eager beyond. The output is the caller's own tensor (a copy out of the
     graph's static one, which the next replay overwrites while the finisher may still read)."""
 
     @torch.inference_mode()
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor):
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, max_batch: int):
         """example: one image's pixel_values [1, ...] on the device, in the forward's dtype."""
         self.forward = forward
-        self.sizes = list(SIZES)
+        self.sizes = graph_sizes(max_batch)
         self.pixels = example.expand(self.sizes[-1], *example.shape[1:]).clone()
         self.outputs: dict[int, torch.Tensor] = {}
 

@@ -42,19 +42,19 @@ def test_cuda_engine_matches_cpu_engine(tiny_llava, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_small_batches_replay_graphs(tiny_llava, monkeypatch):
-    """Batches of up to 8 images replay a graph captured for the smallest size that holds them
-    (padded with the previous batch's rows) and give the eager module's embeddings; larger
-    batches, and PRISM_EAGER=1, run eagerly."""
-    from vision_service.graphs import SIZES, GraphedForward
+def test_batches_replay_graphs(tiny_llava, monkeypatch):
+    """Batches up to the engine's max_batch_size (24) replay a graph captured for the smallest
+    size that holds them (1, 2, 4, 8, 16, 24; padded with the previous batch's rows) and give the
+    eager module's embeddings; larger batches, and PRISM_EAGER=1, run eagerly."""
+    from vision_service.graphs import GraphedForward
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=16, device="cuda", dtype="float32"))
+    engine = VisionEngine(str(tiny_llava), VisionConfig(max_batch_size=24, device="cuda", dtype="float32"))
     try:
         model = engine.model
-        assert isinstance(model.forward, GraphedForward) and sorted(model.forward.graphs) == list(SIZES)
+        assert isinstance(model.forward, GraphedForward) and sorted(model.forward.graphs) == [1, 2, 4, 8, 16, 24]
         generator = torch.Generator("cuda").manual_seed(0)
-        for n in (1, 3, 8, 11, 2):
+        for n in (1, 3, 8, 11, 2, 20, 24, 30):
             pixels = torch.randn(n, 3, model.image_size, model.image_size, device="cuda", generator=generator)
             torch.testing.assert_close(model.forward(pixels), model.module(pixels), rtol=1e-4, atol=1e-4)
     finally:

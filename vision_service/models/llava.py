@@ -204,11 +204,8 @@ class LlavaVision:
             raise ValueError(f"{ckpt.path}: projector input {proj_w.shape[1]} != {len(select)} x CLIP hidden {dim}")
         module.load_state_dict(weights, strict=True, assign=True)
         self.module = module.to(device=device, dtype=dtype).eval()
-        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.module
-        if device.type == "cuda" and not eager_requested():  # small batches: launching the tower's kernels took longer than running them
-            example = lookup_pixels(torch.zeros((1, self.image_size, self.image_size, channels), dtype=torch.uint8,
-                                                device=device), self.device_table)
-            self.forward = GraphedForward(self.module, example)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.module  # graphed by reserve()
+        self.channels = channels
 
     def prepare(self, image: Image.Image, options: Mapping[str, str]) -> PreparedImage:
         """LLaVA-1.5 takes no per-image options; one tile per image."""
@@ -221,8 +218,13 @@ class LlavaVision:
         return PreparedImage(torch.from_numpy(pixels.copy()).unsqueeze(0))  # pageable: encode stages the batch
 
     def reserve(self, tiles: int) -> None:
+        """Also captures the forward's CUDA graphs for batches up to `tiles` (vision_service/graphs.py)."""
         if self.lookup_on_device:
             self._staging.reserve(tiles * self.image_size * self.image_size * 3, torch.uint8)
+        if self.device.type == "cuda" and not eager_requested():
+            example = lookup_pixels(torch.zeros((1, self.image_size, self.image_size, self.channels),
+                                                dtype=torch.uint8, device=self.device), self.device_table)
+            self.forward = GraphedForward(self.module, example, tiles)
 
     @torch.inference_mode()
     def encode(self, batch: list[PreparedImage]) -> list[ImageEmbedding]:
