@@ -609,7 +609,8 @@ if AVAILABLE:
         registers: 2-6% faster at W2's shapes than Triton's pipelining through shared memory at
         2-4 stages, `kernels_check.py --cc`). q_len is 1 (cu_seqlens step by 1; 0 for a padding
         row)."""
-        b, h, split, tok, q_len, seq_len, start, end, active = _split_program(cu_ptr, lens_ptr, num_splits, PDL, BLOCK_N)
+        b, h, split, tok, q_len, seq_len, start, end, active = _split_program(cu_ptr, lens_ptr, num_splits, PDL,
+                                                                              BLOCK_N)
         _pdl_wait(PDL)
         if q_len == 0:
             return
@@ -635,7 +636,8 @@ if AVAILABLE:
         _, n_mask, page, off = _tile_pages(bt_row, start, end, PAGE, BLOCK_N)
         k, v, k_scale, v_scale = _load_tiles(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_w, w_mask,
                                              wkb, wks, wvb, wvs, stride_sb, stride_ss, 1)
-        for n0 in range(start, end, BLOCK_N):  # this tile was loaded the step before; load the next (masked past the end)
+        for n0 in range(start, end, BLOCK_N):
+            # this tile was loaded the step before; load the next (masked off past the end)
             mask_now, k_now, v_now, ks_now, vs_now = n_mask, k, v, k_scale, v_scale
             _, n_mask, page, off = _tile_pages(bt_row, n0 + BLOCK_N, end, PAGE, BLOCK_N)
             k, v, k_scale, v_scale = _load_tiles(k_base, v_base, ks_base, vs_base, page, off, n_mask, offs_w, w_mask,
@@ -924,7 +926,8 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
     if cuda_cores is None:
         cuda_cores = int8_decode and group == 1 and q.dtype != torch.float32
     if cuda_cores and (not int8_decode or group != 1 or D % 4):
-        raise ValueError("the CUDA-core decode kernel takes int8 caches, one query per sequence, no GQA, head_dim % 4 == 0")
+        raise ValueError("the CUDA-core decode kernel takes int8 caches, one query per sequence, no GQA and "
+                         "head_dim % 4 == 0")
     block_n = block_n or (16 if cuda_cores else 64)
     block_q, block_h, chunks = _split_rows(group, max_q_len)
     if num_splits is None:

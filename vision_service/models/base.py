@@ -55,10 +55,10 @@ class VisionModel(Protocol):
 
 class PinnedStaging:
     """Host tensors to the device through pinned buffers kept for reuse (the worker thread's),
-    reserved before serving: two, alternating, so one batch's copy is staged while the previous one's may still run;
-    a buffer is written again only once the copy out of it has run. Pinning per image instead
-    cost a cudaHostAlloc each (~1.2 ms, under a lock every CUDA call of the process takes: in
-    W2's burst 230 of them held the co-located LLM engine's launches back for ~1 s)."""
+    reserved before serving: two, alternating, so one batch's copy is staged while the previous
+    one's may still run; a buffer is written again only once the copy out of it has run. Pinning
+    per image instead cost a cudaHostAlloc each (~1.2 ms, under a lock every CUDA call of the
+    process takes: in W2's burst 230 of them held the co-located LLM engine's launches back)."""
 
     def __init__(self, buffers: int = 2):
         self._buffers: list[torch.Tensor | None] = [None] * buffers
