@@ -26,12 +26,16 @@ forward is one replay, everything else is this). Four measurements:
   left the gateway, reached the vision tier, got its embedding, was queued in the engine and
   got its first token, and when the engine launched its first step. `--cores N` sizes the
   thread pools as on an N-core host (the loop's default executor, the vision prep pool).
+  `--launch-us U`: each prefill step first spins 400 times for U µs holding the GIL, releasing
+  it in between (an eager prefill's launches from Python), so the engine thread's wait for the
+  GIL under the burst shows in when its second step comes.
 
 The decode parts use the tiny checkpoint of the tests (vocab 512); TTFT, W3 and intake use
 bench.py's tiny one (word-level tokenizer, 576 image rows), built once under /tmp/prism-bench.
 
     python bench/host_overhead.py [--batch-sizes 1,64,256] [--steps 64] [--repeats 5] [--device-ms 8]
     python bench/host_overhead.py --parts intake [--requests 256] [--cores 16] [--vision-ms 1.85]
+                                  [--launch-us 50] [--prep-threads 16]
 
 Runs on one torch thread so that the numbers are the host cost, not intra-op parallelism.
 """
@@ -143,14 +147,26 @@ def decode_stages(engine: llm_engine.LLMEngine, bs: int, steps: int) -> dict[str
 class SimulatedDevice:
     """Stands in for the GPU: the runner's forward becomes a sleep, which releases the GIL as
     waiting on a GPU step does, and returns fixed logits (each request repeats one token).
-    The wall time a step takes beyond the sleep is host time the device would sit idle."""
+    The wall time a step takes beyond the sleep is host time the device would sit idle.
 
-    def __init__(self, engine: llm_engine.LLMEngine, ms: float):
+    launches, launch_us: a step with prompt tokens (an eager prefill on the GPU, ~400 kernels
+    launched from Python) first spins `launches` times for `launch_us` holding the GIL, each
+    followed by a release (`time.sleep(0)`, as a launch's C call lets it go): what the engine
+    thread needs the GIL for, and waits on it for, while other threads run Python."""
+
+    def __init__(self, engine: llm_engine.LLMEngine, ms: float, launches: int = 0, launch_us: float = 0.0):
         self.ms, self.slept = ms, 0.0
+        self.launches, self.launch_s = launches, launch_us / 1e6
         self.logits = torch.randn(engine.max_batch_size, engine.spec.args.vocab_size)
         engine.runner.forward = self.forward
 
     def forward(self, step) -> torch.Tensor:
+        if self.launches and step.input_ids.shape[0] > step.logits_rows.shape[0]:
+            for _ in range(self.launches):
+                until = time.perf_counter() + self.launch_s
+                while time.perf_counter() < until:
+                    pass
+                time.sleep(0)
         t0 = time.perf_counter()
         time.sleep(self.ms / 1e3)
         self.slept += time.perf_counter() - t0
@@ -389,21 +405,24 @@ INTAKE_STAGES = (  # (label, Stamps target, start or end of its calls)
 )
 
 
-def intake(path: Path, requests: int, repeats: int, cores: int, vision_ms: float,
-           device_ms: float) -> tuple[dict[str, list[float]], dict[str, float]]:
+def intake(path: Path, requests: int, repeats: int, cores: int, vision_ms: float, device_ms: float,
+           launch_us: float = 0.0, prep_threads: int = 0) -> tuple[dict[str, list[float]], dict[str, float]]:
     """ms after submission at which the 1st, 16th, middle and last request passed each stage,
-    and the engine's first step, the vision batches and the wall (medians over `repeats` bursts)."""
+    and the engine's first and second steps, the vision batches and the wall (medians over
+    `repeats` bursts). launch_us: each prefill step's 400 launches (SimulatedDevice)."""
     from gateway import pipeline
+    from vision_service.engine import DEFAULT_PREP_THREADS
 
+    prep_threads = prep_threads or (min(DEFAULT_PREP_THREADS, cores) if cores else 0)
     backend = TurbomindEngineConfig(session_len=2048, max_batch_size=requests, cache_max_entry_count=0.8,
                                     enable_prefix_caching=True, device="cpu")
     pipe = pipeline(str(path), backend_config=backend, vision_config=VisionConfig(
-        max_batch_size=32, device="cpu", preprocess_threads=cores))
+        max_batch_size=32, device="cpu", preprocess_threads=prep_threads))
     llm = pipe._service.llm
     if cores:
         pipe._thread.loop.set_default_executor(ThreadPoolExecutor(min(32, cores + 4)))  # asyncio's default size
     SimulatedTower(llm.vision.model, vision_ms)
-    SimulatedDevice(llm.engine, device_ms)
+    SimulatedDevice(llm.engine, device_ms, 400 if launch_us else 0, launch_us)
     texts = _texts(pipe._service, requests, 9000)
     gen = GenerationConfig(max_new_tokens=4, ignore_eos=True)
     stamps = Stamps([("gateway.service", "ChatService", "prepare"),
@@ -428,6 +447,7 @@ def intake(path: Path, requests: int, repeats: int, cores: int, vision_ms: float
                 cells["first token"].append([1e3 * firsts[k] for k in ranks])
                 steps = [s.launched_at for s in llm.engine.step_log if s.launched_at >= start]
                 totals["engine's first step (ms)"].append(1e3 * (steps[0] - start))
+                totals["second step (ms)"].append(1e3 * (steps[1] - start))
                 totals["vision batches"].append(sum(call[0] == "VisionEngine._launch" for call in stamps.calls))
                 totals["wall (ms)"].append(1e3 * wall)
     finally:
@@ -449,6 +469,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256, help="intake: requests submitted at once")
     parser.add_argument("--cores", type=int, default=0, help="intake: size the thread pools as on this many cores")
     parser.add_argument("--vision-ms", type=float, default=1.85, help="intake: simulated tower time per image")
+    parser.add_argument("--launch-us", type=float, default=0.0,
+                        help="intake: Python µs holding the GIL per launch of a prefill step's 400 (0: none)")
+    parser.add_argument("--prep-threads", type=int, default=0,
+                        help="intake: the vision tier's preprocessing threads (0: its default for --cores)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = build_tiny_llava()
@@ -489,9 +513,13 @@ def main() -> None:
               f"{r['turn2_cached']:.0f} from the prefix cache")
         print(f"- turn 2's ids start with turn 1's prompt and answer ids: {r['answer_ids_kept']:.0%} of turns")
     if "intake" in parts:
-        table, totals = intake(words, args.requests, args.repeats, args.cores, args.vision_ms, args.device_ms)
+        table, totals = intake(words, args.requests, args.repeats, args.cores, args.vision_ms, args.device_ms,
+                               args.launch_us, args.prep_threads)
+        launches = f", prefill launches 400 x {args.launch_us:g} µs" if args.launch_us else ""
         print(f"\n## intake: {args.requests} requests with their own image at once, tower {args.vision_ms:g} ms/image, "
-              f"LLM step {args.device_ms:g} ms (simulated){f', pools sized for {args.cores} cores' if args.cores else ''}; "
+              f"LLM step {args.device_ms:g} ms{launches} (simulated)"
+              f"{f', pools sized for {args.cores} cores' if args.cores else ''}"
+              f"{f', {args.prep_threads} prep threads' if args.prep_threads else ''}; "
               f"ms after submission, median of {args.repeats}\n")
         ranks = table.pop("requests")
         print("| stage | " + " | ".join(f"request {k}" for k in ranks) + " |")

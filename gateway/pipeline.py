@@ -3,7 +3,7 @@
 An asyncio loop runs in a daemon thread; the blocking methods submit coroutines to it.
 A lone conversation is prepared (rendered, tokenized, images loaded) on the calling
 thread first; a batch is submitted all at once so the LLM engine's continuous batching sees
-every request, its conversations prepared two at a time in order (service.prepare_in_order):
+every request, its conversations prepared one at a time in order (service.prepare_in_order):
 the first ones are in the LLM tier while later ones are prepared. Embedded mode builds the
 vision engine, the LLM engine and a ChatService in this process; 'grpc://' mode talks to a
 running gateway with the same API and results. Response.logits is a torch tensor when torch

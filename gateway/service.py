@@ -27,7 +27,11 @@ from gateway.tokenizer import Tokenizer
 from protos import common_pb2, llm_pb2
 
 RAW_TEMPLATE = StringTemplate(name="raw", capability="completion")  # do_preprocess=False
-PREPARE_THREADS = 2
+# One: a second thread finished a burst's preparation sooner (270 against 350 ms for 256 on the
+# dev VM), but its Python also kept the co-located LLM engine's launches waiting: with an eager
+# prefill's 400 launches simulated (host_overhead.py --parts intake --launch-us 50, 16-core
+# pools) the engine's second step came at 385 ms against 622 with two threads (bench/README.md).
+PREPARE_THREADS = 1
 _PREPARING = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="prism-prepare")
 
 
