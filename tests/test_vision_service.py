@@ -365,6 +365,20 @@ def test_failed_forward_fails_its_batch_not_the_worker(tiny_llava):
     assert out[0].rows == 16 and info.images_encoded == 1
 
 
+def test_graph_sizes_cover_every_batch_up_to_the_max():
+    """The vision graphs' sizes (vision_service/graphs.py): 1, 2, 4, 8, then powers of two below
+    the engine's max_batch_size and the max itself, so every batch the engine forms replays one."""
+    from vision_service.graphs import graph_sizes, pick_batch_size
+
+    assert graph_sizes(1) == [1, 2, 4, 8]
+    assert graph_sizes(9) == [1, 2, 4, 8, 9]
+    assert graph_sizes(24) == [1, 2, 4, 8, 16, 24]
+    assert graph_sizes(32) == [1, 2, 4, 8, 16, 32]
+    for max_batch in (1, 5, 24, 32, 100):
+        sizes = graph_sizes(max_batch)
+        assert all(pick_batch_size(sizes, n) is not None for n in range(1, max_batch + 1))
+
+
 # ---- wire + gRPC ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
