@@ -597,8 +597,9 @@ if AVAILABLE:
         program per (sequence, head, split). The tensor-core kernel pads that row to 16 and
         converts each code tile to fp16 in the dots' operand layout; here the codes go straight
         from their loads, as int32 words, to fp32 (`_words_f32`) and into products with q, four
-        vectors for the four bytes of a word, so the program holds
-        no converted tile and no padding (`bench/KERNELS.md`, "int8 decode").
+        vectors for the four bytes of a word, so the program holds no converted tile and no
+        padding (`bench/KERNELS.md`, "int8 decode"). D % 16 == 0: the word strides are then
+        multiples of 4 words (16 bytes), which the loads' vectorization is told.
 
         Each of the tile's BLOCK_N key slots keeps its own sum and row of acc over the keys
         n0 + slot of successive tiles, against one running max that is raised only when a tile's
@@ -924,10 +925,10 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
     scales, quant = _scale_args(k_cache, v_cache, k_scale, v_scale)
     int8_decode = quant and max_q_len == 1
     if cuda_cores is None:
-        cuda_cores = int8_decode and group == 1 and q.dtype != torch.float32
-    if cuda_cores and (not int8_decode or group != 1 or D % 4):
+        cuda_cores = int8_decode and group == 1 and q.dtype != torch.float32 and D % 16 == 0
+    if cuda_cores and (not int8_decode or group != 1 or D % 16):
         raise ValueError("the CUDA-core decode kernel takes int8 caches, one query per sequence, no GQA and "
-                         "head_dim % 4 == 0")
+                         "head_dim % 16 == 0")
     block_n = block_n or (16 if cuda_cores else 64)
     block_q, block_h, chunks = _split_rows(group, max_q_len)
     if num_splits is None:
