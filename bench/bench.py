@@ -770,7 +770,7 @@ VISION_STAMPS = [
     ("vision_service.engine", "VisionEngine", "_launch"),
     ("vision_service.engine", "VisionEngine", "_finish"),
     ("vision_service.engine", "VisionEngine", "_to_host"),
-    ("llm_service.engine.model_runner", "RowStaging", "__call__"),
+    ("vision_service.staging", "PinnedStaging", "to_device"),  # the pixels, then the LLM's image rows
     ("llm_service.engine.model_runner", "ModelRunner", "forward"),
 ]
 

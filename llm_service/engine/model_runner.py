@@ -22,6 +22,7 @@ from llm_service.engine.scheduler import Scheduled
 from llm_service.layers.attention import Attention, kv_bytes_per_token, kv_cache
 from llm_service.models.llama import LlamaForCausalLM
 from llm_service.models.loader import ModelSpec, load_model
+from vision_service.staging import PinnedStaging
 
 
 class ModelRunner:
@@ -52,9 +53,9 @@ class ModelRunner:
         eager = getattr(config, "eager_mode", False)  # PytorchEngineConfig's switch
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
-        self.stage_rows = RowStaging(dtype, device)
-        if spec.image_token_id is not None:  # pinned before serving: a step holds at most max_prefill_token_num rows
-            self.stage_rows.reserve(config.max_prefill_token_num, spec.args.hidden_size)
+        self.stage_rows = PinnedStaging(buffers=1)  # a step's image rows, in the model's dtype (the workers' too)
+        if device.type == "cuda" and spec.image_token_id is not None:  # a step holds <= max_prefill_token_num rows
+            self.stage_rows.reserve(config.max_prefill_token_num * spec.args.hidden_size, dtype)
         if graphs_enabled(device, self.uses_kernels, eager):
             max_blocks = -(-session_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, device)
@@ -126,7 +127,7 @@ class ModelRunner:
                 logits_rows.append(cu[-1] - 1)
         width = max(len(item.seq.block_table) for item in batch)
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
-        rows = self.stage_rows(image_rows) if image_rows else None
+        rows = self.stage_rows.to_device(image_rows, self.device, self.dtype) if image_rows else None
         step = PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
                                 self.device)
         if input_ids is not None:
@@ -151,40 +152,3 @@ class ModelRunner:
             return self.prefill_graphs.run(ids, step.positions, meta, logits_rows)
         hidden = self.model(ids, step.positions, meta, step.image_index, step.image_rows)
         return self.model.compute_logits(hidden[logits_rows]).float()
-
-
-class RowStaging:
-    """A step's image rows as one tensor on the device, in the model's dtype (the workers receive
-    them at that dtype). On CUDA through one pinned buffer kept for every step: a fresh pinned
-    tensor per step cost up to 4 ms of a W1 request's TTFT (the host allocator pins a new block
-    when none is free, bench.py --profile). Reusing it waits for the previous step's copy out of
-    it, which stream order puts before that step's forward, so run-ahead is not held up."""
-
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype, self.device = dtype, device
-        self.buffer: torch.Tensor | None = None
-        self.copied: torch.cuda.Event | None = None
-
-    def reserve(self, rows: int, width: int) -> None:
-        """Pin the buffer for steps of up to `rows` image rows now: a cudaHostAlloc under load
-        (~1 ms per MB) holds a lock every CUDA call of the process waits on."""
-        if self.device.type == "cuda" and (self.buffer is None or self.buffer.numel() < rows * width):
-            self.buffer = torch.empty(rows * width, dtype=self.dtype, pin_memory=True)
-
-    def __call__(self, rows: list[torch.Tensor]) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return rows[0].to(self.dtype) if len(rows) == 1 else torch.cat(rows).to(self.dtype)
-        n, width = sum(r.shape[0] for r in rows), rows[0].shape[1]
-        if self.buffer is None or self.buffer.numel() < n * width:
-            self.buffer = torch.empty(n * width, dtype=self.dtype, pin_memory=True)
-        elif self.copied is not None:
-            self.copied.synchronize()
-        host = self.buffer[: n * width].view(n, width)
-        start = 0
-        for r in rows:
-            host[start : start + r.shape[0]].copy_(r)
-            start += r.shape[0]
-        rows_on_device = host.to(self.device, non_blocking=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
-        return rows_on_device

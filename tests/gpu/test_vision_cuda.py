@@ -88,8 +88,9 @@ def test_forwards_do_not_wait_behind_the_default_stream(tiny_llava):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_staging_reuses_two_pinned_buffers():
     """Batches go to the device through two alternating pinned buffers reserved up front: the
-    same two host blocks for every batch, each holding its batch's pixels exactly."""
-    from vision_service.models.base import PinnedStaging
+    same two host blocks for every batch, each holding its batch's pixels exactly; with one
+    buffer and a dtype, each call's parts arrive cast and in order."""
+    from vision_service.staging import PinnedStaging
 
     staging = PinnedStaging()
     staging.reserve(5 * 8 * 8 * 3, torch.uint8)
@@ -100,3 +101,9 @@ def test_staging_reuses_two_pinned_buffers():
         on_device = staging.to_device(parts, torch.device("cuda"))
         assert torch.equal(on_device.cpu(), torch.cat(parts))
         assert {b.data_ptr() for b in staging._buffers} == blocks
+    # one buffer, casting (the LLM tier's image rows, in the model's dtype): each step's rows exactly
+    rows = PinnedStaging(buffers=1)
+    for n in (3, 1, 2):
+        parts = [torch.randn(4, 16, dtype=torch.bfloat16) for _ in range(n)]
+        on_device = rows.to_device(parts, torch.device("cuda"), torch.float32)
+        assert on_device.dtype == torch.float32 and torch.equal(on_device.cpu(), torch.cat(parts).float())

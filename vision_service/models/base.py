@@ -53,44 +53,6 @@ class VisionModel(Protocol):
         ...
 
 
-class PinnedStaging:
-    """Host tensors to the device through pinned buffers kept for reuse (the worker thread's),
-    reserved before serving: two, alternating, so one batch's copy is staged while the previous
-    one's may still run; a buffer is written again only once the copy out of it has run. Pinning
-    per image instead cost a cudaHostAlloc each (~1.2 ms, under a lock every CUDA call of the
-    process takes: in W2's burst 230 of them held the co-located LLM engine's launches back)."""
-
-    def __init__(self, buffers: int = 2):
-        self._buffers: list[torch.Tensor | None] = [None] * buffers
-        self._copied: list[torch.cuda.Event | None] = [None] * buffers
-        self._next = 0
-
-    def reserve(self, numel: int, dtype: torch.dtype) -> None:
-        """Pin both buffers for batches of up to `numel` elements now, before serving."""
-        for i, buffer in enumerate(self._buffers):
-            if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
-                self._buffers[i] = torch.empty(numel, dtype=dtype, pin_memory=True)
-
-    def to_device(self, parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """torch.cat(parts).to(device), the copy asynchronous on the current stream (CUDA)."""
-        if device.type != "cuda":
-            return torch.cat(parts).to(device)
-        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-        numel = shape[0] * parts[0][0].numel()
-        i, self._next = self._next, (self._next + 1) % len(self._buffers)
-        if self._copied[i] is not None:
-            self._copied[i].synchronize()
-        buffer = self._buffers[i]
-        if buffer is None or buffer.numel() < numel or buffer.dtype != parts[0].dtype:
-            buffer = self._buffers[i] = torch.empty(numel, dtype=parts[0].dtype, pin_memory=True)
-        staged = buffer[:numel].view(shape)
-        torch.cat(parts, out=staged)
-        on_device = staged.to(device, non_blocking=True)
-        self._copied[i] = torch.cuda.Event()
-        self._copied[i].record()
-        return on_device
-
-
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 

@@ -17,8 +17,9 @@ from torch import nn
 
 from vision_service.checkpoint import Checkpoint
 from vision_service.graphs import GraphedForward, eager_requested
-from vision_service.models.base import PinnedStaging, PreparedImage, activation, lookup_pixels
+from vision_service.models.base import PreparedImage, activation, lookup_pixels
 from vision_service.preprocess import ImageProcessorConfig, lookup, pixel_table, to_pixels
+from vision_service.staging import PinnedStaging
 from vision_service.types import ImageEmbedding
 
 
