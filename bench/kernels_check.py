@@ -393,6 +393,13 @@ def time_decode(s, kernel=None, max_q=1, **knobs) -> float:
     return graph_time_us([call(bt) for bt in s["tables"]])
 
 
+def time_variant(s, ref: torch.Tensor, **knobs) -> tuple[float, float]:
+    """(µs per call, relative L2 distance of its output from `ref`) of the split kernel (or the
+    CUDA-core decode kernel) with `knobs` on setup `s`: one variant of a sweep."""
+    rel = ((decode_out(s, **knobs).float() - ref).norm() / ref.norm()).item()
+    return time_decode(s, **knobs), rel
+
+
 def time_naive(s) -> float:
     scale = s["q"].shape[-1] ** -0.5
     return graph_time_us([lambda bt=bt: naive_decode(s["q"], s["kc"], s["vc"], bt, s["lens"], scale)
@@ -507,8 +514,7 @@ def sweep_decode(res: dict, gbs) -> None:
         ref = decode_out(s).float()
 
         def one(kn):
-            rel = ((decode_out(s, **kn).float() - ref).norm() / ref.norm()).item()
-            us = time_decode(s, **kn)
+            us, rel = time_variant(s, ref, **kn)
             res["sweep"].append(dict(bs=bs, ctx=ctx, base_splits=base, knobs=kn, us=us, GBps=gbs(s, us), rel=rel))
             print(f"sweep bs={bs} ctx={ctx} {kn or 'default'} (splits {base}): {us:.1f} us {gbs(s, us):.0f} GB/s"
                   f" rel={rel:.1e}", flush=True)
@@ -548,8 +554,7 @@ def _sweep_w2_batch(bs: int, int8: bool, pipe: bool = False) -> list[dict]:
     rows = []
 
     def one(kn):
-        rel = ((decode_out(s, **kn).float() - ref).norm() / ref.norm()).item()
-        us = time_decode(s, **kn)
+        us, rel = time_variant(s, ref, **kn)
         rows.append(dict(bs=bs, ctx=700, knobs=kn, us=us, GBps=s["bytes"] / us / 1e3, rel=rel))
         return rows[-1]
 
@@ -593,8 +598,7 @@ def sweep_cc(res: dict) -> None:
         ref = decode_out(s, cuda_cores=False).float()
 
         def one(kn):
-            rel = ((decode_out(s, **kn).float() - ref).norm() / ref.norm()).item()
-            us = time_decode(s, **kn)
+            us, rel = time_variant(s, ref, **kn)
             rows.append(dict(bs=bs, knobs=kn, us=us, GBps=s["bytes"] / us / 1e3, rel=rel))
 
         one(dict(cuda_cores=False))
