@@ -318,6 +318,26 @@ def test_preemption_by_recompute_when_blocks_run_out(tiny_llava, prompts):
         eng.close()
 
 
+def test_running_ahead_never_takes_more_blocks_than_are_free(tiny_llava, prompts):
+    """Two equal sequences cross a block boundary in the same step while one block is free:
+    the step launched ahead would need two, so it is not launched and the scheduler preempts
+    one sequence instead."""
+    prompt, ref = prompts["chat"]
+    blocks = 2 * -(-len(prompt.ids) // 4) + 1  # both prompts, and one block to grow into
+    eng = _engine(tiny_llava, None, session_len=64, block_size=4, cache_max_entry_count=blocks)
+    eng.engine.run_ahead = True
+    try:
+        async def two_at_once():
+            return await asyncio.gather(*(collect(eng, request(prompt.segments)) for _ in range(2)))
+
+        for result in run(two_at_once()):
+            assert_matches(result, prompt, ref)
+        assert eng.engine.scheduler.num_preemptions > 0
+        assert_all_free(eng)
+    finally:
+        eng.close()
+
+
 def test_cancel_mid_stream_frees_every_block(engine, prompts):
     prompt, ref = prompts["one image"]
 

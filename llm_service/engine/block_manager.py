@@ -66,8 +66,12 @@ class BlockManager:
             seq.block_hashes.append(h)
         self.grow(seq, num_tokens)
 
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks seq needs to hold `num_tokens` positions."""
+        return max(0, self.blocks_for(num_tokens) - len(seq.block_table))
+
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) - len(seq.block_table) <= self.num_free_blocks
+        return self.blocks_needed(seq, num_tokens) <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Extend seq's block table to cover `num_tokens` positions (checked by can_grow)."""

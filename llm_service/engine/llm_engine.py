@@ -199,10 +199,12 @@ class LLMEngine:
         seqs = prev.sampling
         if not seqs or self.scheduler.waiting or len(seqs) != len(self.scheduler.running):
             return None
-        for seq in seqs:  # prev's token makes len(token_ids) + 1 positions
-            if (seq.status != Status.RUNNING or len(seq.token_ids) + 1 >= seq.max_len
-                    or not self.blocks.can_grow(seq, seq.num_computed_tokens + 1)):
-                return None
+        if any(seq.status != Status.RUNNING or len(seq.token_ids) + 1 >= seq.max_len for seq in seqs):
+            return None  # prev's token makes len(token_ids) + 1 positions
+        # all of them at once: sequences of equal length cross a block boundary together
+        needed = sum(self.blocks.blocks_needed(seq, seq.num_computed_tokens + 1) for seq in seqs)
+        if needed > self.blocks.num_free_blocks:
+            return None
         for seq in seqs:
             self.blocks.grow(seq, seq.num_computed_tokens + 1)
         return self._launch([Scheduled(seq, 1, True) for seq in seqs], input_ids=prev.tokens)
