@@ -9,7 +9,8 @@ captured size that holds the batch replays. Everything else runs eagerly.
 
 The graph covers the model forward and the LM head, so with tensor parallelism each rank
 replays its own graph of the same size and the collectives (NCCL) are part of the graph.
-PrefillGraphs does the same for short prefills of one sequence (a follow-up turn's new tokens).
+PrefillGraphs does the same for prefill and mixed steps of up to a few sequences, over a ladder of
+token counts.
 """
 from __future__ import annotations
 
@@ -117,77 +118,133 @@ class DecodeGraphs:
         return b.logits[:n]
 
 
-PREFILL_SIZES = (16, 32, 64)  # query lengths of the captured short prefills
+SHORT_PREFILL_SIZES = (16, 32, 64)  # one sequence's new tokens (a follow-up turn after a prefix-cache hit)
+MAX_GRAPH_PREFILLS = 16  # prompts (chunks) a batched prefill graph holds, beside its decodes
+
+
+def prefill_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts of the batched prefill graphs: every 64 up to 1024 (a lone image prompt
+    pads by < 64 rows), then 1536, 2048, 3072, 4096, 6144, ... below `max_tokens`, the largest
+    step's (the prefill budget, every running sequence's decode and the spare row)."""
+    sizes = list(range(64, 1025, 64))
+    while sizes[-1] < max_tokens:
+        sizes.append(sizes[-1] * 3 // 2 if sizes[-1] & (sizes[-1] - 1) == 0 else sizes[-1] * 4 // 3)
+    return [size for size in sizes if size < max_tokens] + [max_tokens]
 
 
 class PrefillGraphs:
-    """Short prefills of one sequence, replayed from CUDA graphs: a follow-up turn whose
-    history is in the prefix cache prefills only its new tokens, and eagerly that forward
-    is bound by launching some 400 kernels from Python, not by the GPU.
+    """Prefill and mixed steps replayed from CUDA graphs, one per token count of a ladder.
 
-    A graph of size T runs the sequence's n <= T tokens as sequence 0 and the T - n padding
-    rows as a sequence 1 of length 0 (slot -1, position 0: nothing stored, attention gives
-    zeros); the logits are the sequence's last token's. Shares nothing with DecodeGraphs but
-    the model and the KV cache."""
+    Eagerly, a prefill forward launches ~30 torch ops and kernels a layer from Python, and each
+    re-takes the GIL: alone that bounds a short prefill (a follow-up turn's new tokens), and
+    under a burst of requests, whose intake keeps other threads on the GIL, it made W2's first
+    steps crawl (0.4-0.8 s each for ~0.2 s of GPU work). A graph is one launch.
 
-    def __init__(self, model: LlamaForCausalLM, max_blocks: int, device: torch.device):
+    A graph of size T has `decode_slots[T]` decode sequences (q_len 1, the split kernel) and
+    then `max_prefills` prompt sequences (the prefill kernel); a step's nd decodes and p prompts
+    take the first nd and p of them, and the others have no queries and no keys. The step's n
+    tokens sit in rows [0, n), decodes first as the scheduler orders them; rows [n, T) belong to
+    no sequence (slot -1: nothing stored; no query of them is attended, and nothing reads their
+    rows). Graphs captured with image rows keep row T - 1 spare (n < T): the image rows a step
+    does not have are written there. The logits are the sampling rows' (the first L rows of the
+    output). Shares nothing with DecodeGraphs but the model and the KV cache."""
+
+    def __init__(self, model: LlamaForCausalLM, sizes: list[int], max_decodes: int, max_prefills: int,
+                 max_blocks: int, device: torch.device, images: bool):
         self.model = model
-        self.sizes = list(PREFILL_SIZES)
+        self.sizes = sizes
+        # fewer decode slots in the small graphs: each empty slot is still a program per head
+        self.decode_slots = {size: min(max_decodes, size // 8) for size in sizes}
+        self.max_prefills = max_prefills
         self.max_blocks = max_blocks
-        n = self.sizes[-1]
+        self.spare = 1 if images else 0
+        n, a = self.sizes[-1], model.args
+        seqs = max(self.decode_slots.values()) + max_prefills
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
+        dtype = next(model.parameters()).dtype
         with torch.inference_mode():
             self.ids = torch.zeros(n, **i64)
             self.positions = torch.zeros(n, **i64)
             self.slot_mapping = torch.full((n,), -1, **i64)
-            self.block_tables = torch.zeros(2, max_blocks, **i32)
-            self.cu_seqlens_q = torch.zeros(3, **i32)
-            self.seq_lens = torch.zeros(2, **i32)
-            self.last_row = torch.zeros(1, **i64)
-            self.logits = torch.zeros(1, model.args.vocab_size, dtype=torch.float32, device=device)
-        self.graphs = capture_graphs(self.sizes, self._forward, device, before=self._padding_only)
+            self.block_tables = torch.zeros(seqs, max_blocks, **i32)
+            self.cu_seqlens_q = torch.zeros(seqs + 1, **i32)
+            self.seq_lens = torch.zeros(seqs, **i32)
+            self.logits_rows = torch.zeros(seqs, **i64)
+            self.image_index = torch.full((n,), n - 1, **i64) if images else None
+            self.image_rows = torch.zeros(n, a.hidden_size, dtype=dtype, device=device) if images else None
+            self.logits = torch.zeros(seqs, a.vocab_size, dtype=torch.float32, device=device)
+        self.graphs = capture_graphs(self.sizes, self._forward, device, before=self._spare_rows)
 
     def _forward(self, size: int) -> None:
+        seqs = self.decode_slots[size] + self.max_prefills
         meta = AttentionMetadata(
             slot_mapping=self.slot_mapping[:size],
-            block_tables=self.block_tables,
-            cu_seqlens_q=self.cu_seqlens_q,
-            seq_lens=self.seq_lens,
+            block_tables=self.block_tables[:seqs],
+            cu_seqlens_q=self.cu_seqlens_q[: seqs + 1],
+            seq_lens=self.seq_lens[:seqs],
             max_q_len=size,
+            num_decodes=self.decode_slots[size],
         )
-        hidden = self.model(self.ids[:size], self.positions[:size], meta)
-        self.logits.copy_(self.model.compute_logits(hidden.index_select(0, self.last_row)))
+        images = (self.image_index[:size], self.image_rows[:size]) if self.image_index is not None else (None, None)
+        hidden = self.model(self.ids[:size], self.positions[:size], meta, *images)
+        self.logits.copy_(self.model.compute_logits(hidden.index_select(0, self.logits_rows)))
 
-    def _padding_only(self, size: int) -> None:
-        """Before capturing size: all rows in sequence 0 of length 0 (nothing is stored)."""
-        self.cu_seqlens_q.copy_(torch.tensor([0, size, size]))
+    def _spare_rows(self, size: int) -> None:
+        """Before capturing size: image rows to its spare row (the warm-up stores nothing)."""
+        if self.image_index is not None:
+            self.image_index[:size].fill_(size - 1)
 
-    def can_run(self, num_rows: int, logits_rows: torch.Tensor, meta: AttentionMetadata, has_images: bool) -> bool:
-        """One sequence of 2..max size new tokens, no image rows, sampling (then its one
-        logits row is its last token)."""
+    def _size(self, num_rows: int, num_decodes: int) -> int | None:
+        """The smallest graph with room for the rows (and the spare one) and the decodes."""
+        return next((size for size in self.sizes
+                     if size >= num_rows + self.spare and self.decode_slots[size] >= num_decodes), None)
+
+    def can_run(self, num_rows: int, meta: AttentionMetadata, num_image_rows: int) -> bool:
+        """Whether a step fits a graph: not a pure decode, at most max_prefills prompts, a size
+        with room for its rows and decodes, no image rows unless captured with them, and within
+        the captured block-table width."""
         return (
-            meta.seq_lens.shape[0] == 1
-            and not has_images
-            and 1 < num_rows <= self.sizes[-1]
-            and logits_rows.shape[0] == 1
+            meta.max_q_len > 1
+            and meta.seq_lens.shape[0] - meta.num_decodes <= self.max_prefills
+            and self._size(num_rows, meta.num_decodes) is not None
+            and (num_image_rows == 0 or self.image_index is not None)
             and meta.block_tables.shape[1] <= self.max_blocks
         )
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            logits_rows: torch.Tensor) -> torch.Tensor:
-        """float32 logits [1, vocab]: a view of the static output, valid until the next replay."""
-        n = ids.shape[0]
-        size = pick_batch_size(self.sizes, n)
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, logits_rows: torch.Tensor,
+            image_index: torch.Tensor | None = None, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [L, vocab]: a view of the static output, valid until the next replay."""
+        n, nd = ids.shape[0], meta.num_decodes
+        size = self._size(n, nd)
+        slots = self.decode_slots[size]
+        b, width = meta.block_tables.shape
+        p = b - nd
         self.ids[:n].copy_(ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        self.positions[n:size].zero_()
         self.slot_mapping[n:size].fill_(-1)
-        self.block_tables[0, : meta.block_tables.shape[1]].copy_(meta.block_tables[0], non_blocking=True)
-        self.seq_lens[:1].copy_(meta.seq_lens, non_blocking=True)
-        self.cu_seqlens_q[1:].fill_(n)  # sequence 0 is rows [0, n), the padding rows [n, size)
-        self.cu_seqlens_q[2:].fill_(size)
-        self.last_row.copy_(logits_rows, non_blocking=True)
+        # sequences: the decodes in slots [0, nd), the prompts in [slots, slots + p); the rest empty
+        cu, lens, tables = meta.cu_seqlens_q, meta.seq_lens, meta.block_tables
+        if nd:
+            self.block_tables[:nd, :width].copy_(tables[:nd], non_blocking=True)
+            self.cu_seqlens_q[1 : nd + 1].copy_(cu[1 : nd + 1], non_blocking=True)
+            self.seq_lens[:nd].copy_(lens[:nd], non_blocking=True)
+        self.cu_seqlens_q[nd + 1 : slots + 1].fill_(nd)
+        self.seq_lens[nd:slots].zero_()
+        self.block_tables[slots : slots + p, :width].copy_(tables[nd:], non_blocking=True)
+        self.cu_seqlens_q[slots + 1 : slots + p + 1].copy_(cu[nd + 1 :], non_blocking=True)
+        self.cu_seqlens_q[slots + p + 1 :].fill_(n)
+        self.seq_lens[slots : slots + p].copy_(lens[nd:], non_blocking=True)
+        self.seq_lens[slots + p :].zero_()
+        num_logits = logits_rows.shape[0]
+        self.logits_rows[:num_logits].copy_(logits_rows, non_blocking=True)
+        self.logits_rows[num_logits:].zero_()  # a larger graph's rows may lie past this one's
+        if self.image_index is not None:
+            r = 0 if image_index is None else image_index.shape[0]
+            if r:
+                self.image_index[:r].copy_(image_index, non_blocking=True)
+                self.image_rows[:r].copy_(image_rows, non_blocking=True)
+            self.image_index[r:size].fill_(size - 1)
         self.graphs[size].replay()
-        return self.logits
+        return self.logits[:num_logits]

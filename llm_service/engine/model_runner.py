@@ -16,7 +16,8 @@ import torch
 from llm_service.config import EngineConfig
 from llm_service.distributed import min_over_ranks, tp_size
 from llm_service.distributed.step import PackedStep, StepInputs, send_step
-from llm_service.engine.cuda_graph import DecodeGraphs, PrefillGraphs, graphs_enabled
+from llm_service.engine.cuda_graph import (MAX_GRAPH_PREFILLS, SHORT_PREFILL_SIZES, DecodeGraphs, PrefillGraphs,
+                                           graphs_enabled, prefill_graph_sizes)
 from llm_service.engine.memory_profile import free_memory_after_peak_step
 from llm_service.engine.scheduler import Scheduled
 from llm_service.layers.attention import Attention, kv_bytes_per_token, kv_cache
@@ -52,19 +53,24 @@ class ModelRunner:
             attn.v_cache, attn.v_scale = kv_cache(*cache)
         eager = getattr(config, "eager_mode", False)  # PytorchEngineConfig's switch
         self.graphs: DecodeGraphs | None = None
-        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_graphs: list[PrefillGraphs] = []  # short ones of one sequence first
         self.stage_rows = PinnedStaging(buffers=1)  # a step's image rows, in the model's dtype (the workers' too)
         if device.type == "cuda" and spec.image_token_id is not None:  # a step holds <= max_prefill_token_num rows
             self.stage_rows.reserve(config.max_prefill_token_num * spec.args.hidden_size, dtype)
         if graphs_enabled(device, self.uses_kernels, eager):
             max_blocks = -(-session_len // self.block_size)
             self.graphs = DecodeGraphs(self.model, max_batch_size, max_blocks, device)
-            self.prefill_graphs = PrefillGraphs(self.model, max_blocks, device)
+            largest = config.max_prefill_token_num + max_batch_size + 1  # every running sequence's decode too
+            self.prefill_graphs = [
+                PrefillGraphs(self.model, list(SHORT_PREFILL_SIZES), 0, 1, max_blocks, device, images=False),
+                PrefillGraphs(self.model, prefill_graph_sizes(largest), max_batch_size, MAX_GRAPH_PREFILLS,
+                              max_blocks, device, images=spec.image_token_id is not None),
+            ]
 
     def drop_graphs(self) -> None:
         """Free the CUDA graphs (eager from here on). A graph that captured a collective must be
         gone before its process group: NCCL's teardown hangs while one holds the communicator."""
-        self.graphs = self.prefill_graphs = None
+        self.graphs, self.prefill_graphs = None, []
         gc.collect()
 
     def _block_bytes(self) -> int:
@@ -148,7 +154,9 @@ class ModelRunner:
         has_images = step.image_rows is not None
         if self.graphs is not None and self.graphs.can_run(ids.shape[0], logits_rows.shape[0], meta, has_images):
             return self.graphs.run(ids, step.positions, meta)
-        if self.prefill_graphs is not None and self.prefill_graphs.can_run(ids.shape[0], logits_rows, meta, has_images):
-            return self.prefill_graphs.run(ids, step.positions, meta, logits_rows)
+        num_image_rows = step.image_rows.shape[0] if has_images else 0
+        for graphs in self.prefill_graphs:
+            if graphs.can_run(ids.shape[0], meta, num_image_rows):
+                return graphs.run(ids, step.positions, meta, logits_rows, step.image_index, step.image_rows)
         hidden = self.model(ids, step.positions, meta, step.image_index, step.image_rows)
         return self.model.compute_logits(hidden[logits_rows]).float()

@@ -240,30 +240,40 @@ def test_kv_cache_sized_from_free_memory_after_a_warm_up(tiny_llava):
         eng.close()
 
 
-def test_cuda_short_prefills_replay_a_graph(tiny_llava, cases, monkeypatch):
-    """Requests one at a time: lone short prompts, and the new tokens after a prefix-cache hit,
-    prefill from a CUDA graph; tokens and logits stay transformers'."""
+@needs_graphs
+def test_cuda_prefills_replay_graphs(tiny_llava, cases, monkeypatch):
+    """Prefills replay CUDA graphs: lone prompts (with their image rows), the new tokens after a
+    prefix-cache hit (the short graphs), and all prompts at once, chunked under a small budget
+    (batched graphs, decodes beside prompt chunks); tokens and logits stay transformers'."""
     from llm_service.engine.cuda_graph import PrefillGraphs
 
-    replayed: list[int] = []
+    replayed: list[tuple[int, int, int]] = []  # (graph's max_prefills, decodes, image rows)
     replay = PrefillGraphs.run
 
-    def spy(self, ids, *args):
-        replayed.append(ids.shape[0])
-        return replay(self, ids, *args)
+    def spy(self, ids, positions, meta, logits_rows, image_index=None, image_rows=None):
+        replayed.append((self.max_prefills, meta.num_decodes, 0 if image_index is None else image_index.shape[0]))
+        return replay(self, ids, positions, meta, logits_rows, image_index, image_rows)
 
     monkeypatch.setattr(PrefillGraphs, "run", spy)
     vision, prompts = cases
     config = EngineConfig(device="cuda", session_len=128, max_batch_size=8, block_size=16,
-                          enable_prefix_caching=True)
+                          enable_prefix_caching=True, max_prefill_token_num=40)
     eng = AsyncLLMEngine(str(tiny_llava), config, vision)
     try:
-        for _ in range(2):
+        short, batched = eng.engine.runner.prefill_graphs
+        assert short.sizes == [16, 32, 64] and batched.sizes[-1] == 40 + 8 + 1  # budget, max_batch_size, spare
+        for _ in range(2):  # the second round hits the prefix cache
             for prompt, ref in prompts:
                 result = run(collect(eng, request(prompt.segments, output_logits="generation")))
                 assert result.tokens == ref.tokens
                 torch.testing.assert_close(torch.cat(result.logits), ref.logits, atol=1e-4, rtol=0)
-        assert len(replayed) >= len(prompts)
+        assert any(seqs == 1 for seqs, _, _ in replayed) and any(rows for _, _, rows in replayed)
+        replayed.clear()
+        reqs = [request(p.segments, output_logits="generation") for p, _ in prompts * 2]
+        for result, (prompt, ref) in zip(run(_together(eng, reqs)), prompts * 2):
+            assert result.tokens == ref.tokens
+            torch.testing.assert_close(torch.cat(result.logits), ref.logits, atol=1e-4, rtol=0)
+        assert any(prompts > 1 for prompts, _, _ in replayed) and any(decodes for _, decodes, _ in replayed)
         info = run(eng.info())
         assert info.free_blocks == info.total_blocks
     finally:
