@@ -338,6 +338,47 @@ def test_running_ahead_never_takes_more_blocks_than_are_free(tiny_llava, prompts
         eng.close()
 
 
+def test_prefill_graph_layout_keeps_tokens_and_logits(tiny_llava, vision, prompts):
+    """PrefillGraphs' static layout (decode slots, then prompt slots; rows past the step's in no
+    sequence; image rows a step lacks into the spare row), run eagerly on the CPU: every prefill
+    and mixed step of a chunked, batched workload through it keeps transformers' tokens and logits."""
+    from llm_service.engine.cuda_graph import PrefillGraphs, prefill_graph_sizes
+
+    eng = _engine(tiny_llava, vision, block_size=8, enable_prefix_caching=True, max_prefill_token_num=20)
+    runner = eng.engine.runner
+    max_blocks = -(-eng.engine.session_len // runner.block_size)
+    cpu = torch.device("cpu")
+    runner.prefill_graphs = [
+        PrefillGraphs(runner.model, [16, 32, 64], 0, 1, max_blocks, cpu, images=False),
+        PrefillGraphs(runner.model, prefill_graph_sizes(20 + 8 + 1), 8, 2, max_blocks, cpu, images=True),
+    ]
+    ran: list[tuple[int, int, int]] = []  # (graph's prompt slots, decodes, image rows) of each step
+    for graphs in runner.prefill_graphs:
+        def spy(ids, positions, meta, logits_rows, image_index=None, image_rows=None, graphs=graphs,
+                run_graph=graphs.run):
+            ran.append((graphs.max_prefills, meta.num_decodes, 0 if image_index is None else image_index.shape[0]))
+            return run_graph(ids, positions, meta, logits_rows, image_index, image_rows)
+        graphs.run = spy
+    try:
+        names = list(prompts) * 2
+
+        async def all_at_once():
+            return await asyncio.gather(*(collect(eng, request(prompts[n][0].segments, output_logits="generation"))
+                                          for n in names))
+
+        for result, name in zip(run(all_at_once()), names):
+            assert_matches(result, *prompts[name])
+        assert any(slots == 2 and decodes for slots, decodes, _ in ran)  # prompts beside decodes
+        assert any(rows for _, _, rows in ran)
+        for name in prompts:  # alone, after a prefix-cache hit: a few new tokens, the short graphs
+            assert_matches(run(collect(eng, request(prompts[name][0].segments, output_logits="generation"))),
+                           *prompts[name])
+        assert any(slots == 1 for slots, _, _ in ran)
+        assert_all_free(eng)
+    finally:
+        eng.close()
+
+
 def test_cancel_mid_stream_frees_every_block(engine, prompts):
     prompt, ref = prompts["one image"]
 

@@ -153,8 +153,9 @@ class PrefillGraphs:
                  max_blocks: int, device: torch.device, images: bool):
         self.model = model
         self.sizes = sizes
-        # fewer decode slots in the small graphs: each empty slot is still a program per head
-        self.decode_slots = {size: min(max_decodes, size // 8) for size in sizes}
+        # fewer decode slots in the smaller graphs (each empty slot is still a program per head);
+        # the largest holds every decode the step may have
+        self.decode_slots = {size: min(max_decodes, size // 8) for size in sizes[:-1]} | {sizes[-1]: max_decodes}
         self.max_prefills = max_prefills
         self.max_blocks = max_blocks
         self.spare = 1 if images else 0
@@ -174,7 +175,9 @@ class PrefillGraphs:
             self.image_index = torch.full((n,), n - 1, **i64) if images else None
             self.image_rows = torch.zeros(n, a.hidden_size, dtype=dtype, device=device) if images else None
             self.logits = torch.zeros(seqs, a.vocab_size, dtype=torch.float32, device=device)
-        self.graphs = capture_graphs(self.sizes, self._forward, device, before=self._spare_rows)
+        # captured on CUDA; elsewhere (the CPU tests of this layout) each step runs _forward eagerly
+        self.graphs = capture_graphs(self.sizes, self._forward, device, before=self._spare_rows) \
+            if device.type == "cuda" else None
 
     def _forward(self, size: int) -> None:
         seqs = self.decode_slots[size] + self.max_prefills
@@ -246,5 +249,8 @@ class PrefillGraphs:
                 self.image_index[:r].copy_(image_index, non_blocking=True)
                 self.image_rows[:r].copy_(image_rows, non_blocking=True)
             self.image_index[r:size].fill_(size - 1)
-        self.graphs[size].replay()
+        if self.graphs is None:
+            self._forward(size)
+        else:
+            self.graphs[size].replay()
         return self.logits[:num_logits]
