@@ -72,12 +72,14 @@ def _hashing_pool() -> ThreadPoolExecutor:
         return _hashing
 
 
-async def image_keys(images: Sequence[common_pb2.ImageInput]) -> list[str]:
+async def image_keys(images: Sequence[common_pb2.ImageInput], datas: Sequence[bytes] | None = None) -> list[str]:
     """`image_key` of each image. Bytes not verified lately are hashed on a pool of their own,
     off the event loop: under a burst of new images (256 at once) each hash, which lets go of
     the GIL, held the loop ~1.5 ms, and the loop it held is the one that hands the requests
-    ahead their finished vision embeddings. A re-sent image (compare, no hash) stays inline."""
-    datas = [image.data for image in images]  # every read of a bytes field copies it: one each
+    ahead their finished vision embeddings. A re-sent image (compare, no hash) stays inline.
+    `datas`: each image's bytes, already read (every read of a bytes field copies it)."""
+    if datas is None:
+        datas = [image.data for image in images]
 
     def keys() -> list[str]:
         return [image_key(image, data) for image, data in zip(images, datas)]

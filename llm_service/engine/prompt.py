@@ -21,18 +21,21 @@ async def embed_images(
     vision: VisionEncoder,
     hidden_size: int,
     dtype: torch.dtype,
+    has_data: Seq[bool] | None = None,
 ) -> list[torch.Tensor]:
     """Each image's rows [n, hidden] in `dtype`, in order. Kept on the CPU: the cache must
-    not eat the GPU memory the KV cache was sized from; rows move over at prefill."""
+    not eat the GPU memory the KV cache was sized from; rows move over at prefill.
+    `has_data`: whether each image came with bytes, when the caller knows it (reading
+    image.data copies them: ~0.2 ms of the event loop's GIL for a fresh 336 px image)."""
     found: dict[str, ImageEmbedding] = {}
     missing: dict[str, common_pb2.ImageInput] = {}
-    for image, key in zip(images, keys):
+    for i, (image, key) in enumerate(zip(images, keys)):
         if key in found or key in missing:
             continue
         hit = cache.get(key)
         if hit is not None:
             found[key] = hit
-        elif not image.data:
+        elif not (has_data[i] if has_data is not None else image.data):
             raise ValueError(f"image {image.sha256} was sent without bytes and is not in the embedding cache")
         else:
             missing[key] = image
@@ -70,8 +73,11 @@ async def build_sequence(
             raise ValueError(f"{spec.architecture} is a text-only model; the request has {len(images)} image(s)")
         if vision is None:
             raise ValueError("this LLM service has no vision tier; requests with images are not accepted")
-        keys = await image_keys(images)
-        rows = await embed_images(images, keys, cache, vision, spec.args.hidden_size, dtype)
+        datas = [image.data for image in images]  # read once: every read of a bytes field copies it
+        has_data = [bool(data) for data in datas]
+        keys = await image_keys(images, datas)
+        del datas  # not held while the vision tier encodes
+        rows = await embed_images(images, keys, cache, vision, spec.args.hidden_size, dtype, has_data)
     token_ids: list[int] = []
     spans: list[ImageSpan] = []
     image_index = 0
