@@ -28,7 +28,7 @@ from gateway.config import GenerationConfig
 from gateway.templates import IMAGE_PART_TYPES, ROLES, ChatTemplate
 from gateway.tokenizer import Tokenizer
 from gateway.vl.constants import IMAGE_TOKEN
-from gateway.vl.image import describe, encode_lossless_pixels, probe_image, read_image_bytes
+from gateway.vl.image import describe, encode_lossless, probe_image, read_image_bytes
 from protos import common_pb2, llm_pb2
 
 _URL_PREFIXES = ("http://", "https://", "data:", "file://")
@@ -159,18 +159,14 @@ class EncodedImages:
 
     def encode(self, image: Image.Image) -> tuple[bytes, str]:
         """(encoded bytes, their sha256)."""
+        crc = _fingerprint(image)
         key = id(image)
         with self._lock:
             hit = self._entries.get(key)
-        if hit and hit.image() is image and (hit.size, hit.mode, hit.crc) == (image.size, image.mode,
-                                                                              _fingerprint(image)):
-            with self._lock:
-                if self._entries.get(key) is hit:
-                    self._entries.move_to_end(key)
-            return hit.data, hit.sha256
-        # a new image (or one edited since): its pixels are read once, for the bytes and the fingerprint
-        data, pixels = encode_lossless_pixels(image)
-        crc = _fingerprint(image, pixels)
+            if hit and hit.image() is image and (hit.size, hit.mode, hit.crc) == (image.size, image.mode, crc):
+                self._entries.move_to_end(key)
+                return hit.data, hit.sha256
+        data = encode_lossless(image)
         entry = _Encoded(weakref.ref(image, lambda _: self._drop(key)), image.size, image.mode, crc, data,
                          hashlib.sha256(data).hexdigest())
         with self._lock:
@@ -191,9 +187,8 @@ class EncodedImages:
             self._bytes -= len(entry.data)
 
 
-def _fingerprint(image: Image.Image, pixels: memoryview | None = None) -> int:
-    """CRC of the pixels (`pixels`: image.tobytes() when already read), palette and transparency."""
-    crc = zlib.crc32(image.tobytes() if pixels is None else pixels)
+def _fingerprint(image: Image.Image) -> int:
+    crc = zlib.crc32(image.tobytes())
     if image.palette is not None:
         crc = zlib.crc32(bytes(image.getpalette() or ()), crc)
     return zlib.crc32(repr(image.info.get("transparency")).encode(), crc)

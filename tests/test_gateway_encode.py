@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from gateway import GenerationConfig, pipeline
 from gateway import messages
 from gateway.messages import EncodedImages, encode_image
-from gateway.vl.image import encode_lossless, encode_lossless_pixels
+from gateway.vl.image import encode_lossless
 from tests.conftest import make_image
 
 
@@ -21,45 +21,6 @@ def test_lossless_bytes_decode_to_the_same_pixels(mode):
     image = make_image(1, mode=mode)
     back = Image.open(io.BytesIO(encode_lossless(image)))
     assert (back.mode, back.size, back.tobytes()) == (image.mode, image.size, image.tobytes())
-
-
-def _pil_tiff(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="TIFF")
-    return buffer.getvalue()
-
-
-def _reopened(image: Image.Image, fmt: str, **params) -> Image.Image:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **params)
-    return Image.open(io.BytesIO(buffer.getvalue()))
-
-
-@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
-@pytest.mark.parametrize("size", [(1, 1), (5, 3), (336, 336), (1, 70000), (300, 219)])
-def test_the_tiff_header_written_here_is_pils(mode, size):
-    image = make_image(5, size=size, mode=mode)
-    data, pixels = encode_lossless_pixels(image)
-    assert pixels is not None and bytes(pixels) == image.tobytes()
-    assert data == _pil_tiff(image)
-
-
-@pytest.mark.parametrize("source", ["jpeg", "jpeg+icc", "png", "tiff", "tiff+dpi", "info"])
-def test_images_with_metadata_are_encoded_as_pil_does(source):
-    image = make_image(6, size=(40, 30))
-    image = {
-        "jpeg": lambda: _reopened(image, "JPEG", dpi=(300, 300)),
-        "jpeg+icc": lambda: _reopened(image, "JPEG", icc_profile=b"\0" * 128),
-        "png": lambda: _reopened(image, "PNG", dpi=(72, 72)),
-        "tiff": lambda: _reopened(image, "TIFF"),
-        "tiff+dpi": lambda: _reopened(image, "TIFF", dpi=(150, 150), description="a picture"),
-        "info": lambda: image.copy(),
-    }[source]()
-    if source == "info":
-        image.info.update(dpi=(90, 90), compression="raw")
-    data, pixels = encode_lossless_pixels(image)
-    assert data == _pil_tiff(image)
-    assert pixels is None or bytes(pixels) == image.tobytes()
 
 
 def test_a_transparency_key_travels_as_png():
@@ -71,8 +32,7 @@ def test_a_transparency_key_travels_as_png():
 
 def test_a_pil_image_is_encoded_once_until_edited(monkeypatch):
     calls = []
-    monkeypatch.setattr(messages, "encode_lossless_pixels",
-                        lambda im: calls.append(im.size) or encode_lossless_pixels(im))
+    monkeypatch.setattr(messages, "encode_lossless", lambda im: calls.append(im.size) or encode_lossless(im))
     cache = EncodedImages()
     image = make_image(3)
     first = cache.encode(image)

@@ -14,13 +14,12 @@ import io
 import os
 import re
 import socket
-import struct
 import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Union
 
-from PIL import Image, TiffImagePlugin
+from PIL import Image
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
@@ -89,57 +88,12 @@ def encode_lossless(image: Image.Image) -> bytes:
     holds the image whole (RGB, RGBA or L without a transparency key, up to 64 MiB): it
     encodes and decodes in well under a millisecond, where PNG's filters and deflate cost
     milliseconds per megapixel on both ends. PNG for everything else."""
-    return encode_lossless_pixels(image)[0]
-
-
-def encode_lossless_pixels(image: Image.Image) -> tuple[bytes, memoryview | None]:
-    """`encode_lossless`'s bytes, and the part of them that is `image.tobytes()` (None when they
-    hold no such part). PIL's TIFF writer runs ~0.2 ms of Python and C under the GIL per 336 px
-    image; when nothing but the mode and size decide its header (`_plain_tiff_header`), the same
-    bytes are that header and the pixels, one read of them that the caller's fingerprint reuses."""
     raw_bytes = image.width * image.height * len(image.getbands())
-    if image.mode not in ("RGB", "RGBA", "L") or "transparency" in image.info or raw_bytes > 64 << 20:
-        return encode_png(image), None
-    header = _plain_tiff_header(image)
-    if header is None:
+    if image.mode in ("RGB", "RGBA", "L") and "transparency" not in image.info and raw_bytes <= 64 << 20:
         buffer = io.BytesIO()
         image.save(buffer, format="TIFF")
-        return buffer.getvalue(), None
-    data = header + image.tobytes()
-    return data, memoryview(data)[len(header):]
-
-
-# mode -> (BitsPerSample, PhotometricInterpretation, ExtraSamples) as PIL's TIFF writer sets them
-_TIFF_MODES = {"RGB": (3, 2, None), "RGBA": (4, 2, 2), "L": (1, 1, None)}
-_SHORT, _LONG = 3, 4
-
-
-def _plain_tiff_header(image: Image.Image) -> bytes | None:
-    """What PIL's `save(format="TIFF")` writes before the pixels of an RGB, RGBA or L image
-    that carries nothing it would copy into the file (TIFF tags of its own, an ICC profile,
-    a compression, save options): little-endian, one IFD at offset 8 with its tags in order,
-    the BitsPerSample values after it, then the pixels in one strip. None for any other image
-    (PIL writes it). tests/test_gateway_encode.py checks the bytes against PIL's."""
-    layout = _TIFF_MODES.get(image.mode)
-    if (layout is None or not image.width or not image.height or hasattr(image, "tag_v2") or hasattr(image, "tag")
-            or image.info.keys() & {"icc_profile", "compression"} or getattr(image, "encoderinfo", None)
-            or TiffImagePlugin.WRITE_LIBTIFF):
-        return None
-    bands, photometric, extra = layout
-    width, height = image.size
-    tags = [(256, _LONG, 1, width), (257, _LONG, 1, height)]
-    after_ifd = 8 + 2 + 12 * (10 + (extra is not None) - (bands == 1)) + 4  # header, count, tags, next IFD
-    pixels = after_ifd + (2 * bands if bands > 1 else 0)
-    tags.append((258, _SHORT, bands, after_ifd if bands > 1 else 8))
-    tags += [(259, _SHORT, 1, 1), (262, _SHORT, 1, photometric), (273, _LONG, 1, pixels)]
-    if bands > 1:
-        tags.append((277, _SHORT, 1, bands))
-    tags += [(278, _LONG, 1, height), (279, _LONG, 1, width * height * bands), (284, _SHORT, 1, 1)]
-    if extra is not None:
-        tags.append((338, _SHORT, 1, extra))
-    ifd = b"".join(struct.pack("<HHII", *tag) for tag in tags)
-    bits = struct.pack(f"<{bands}H", *[8] * bands) if bands > 1 else b""  # 8 bits a sample
-    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + ifd + struct.pack("<I", 0) + bits
+        return buffer.getvalue()
+    return encode_png(image)
 
 
 def probe_image(data: bytes, what: str = "image data") -> None:
