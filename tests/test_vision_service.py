@@ -516,3 +516,14 @@ def test_client_refuses_a_malformed_stream():
 
     (out,) = asyncio.run(run())
     assert torch.equal(out.embedding, torch.ones(3, 4))
+
+
+def test_host_copy_is_a_plain_byte_copy():
+    """staging.host_copy: the bytes of any dtype (bf16 has no numpy dtype) into a row slice."""
+    from vision_service.staging import host_copy
+
+    for dtype in (torch.bfloat16, torch.float32, torch.uint8):
+        src = (torch.arange(60) * 7 % 251).to(dtype).view(3, 4, 5)
+        dst = torch.zeros(6, 4, 5, dtype=dtype)
+        host_copy(dst[2:5], src)
+        assert torch.equal(dst[2:5], src) and not dst[:2].any() and not dst[5:].any()

@@ -26,7 +26,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from protos import common_pb2, vision_pb2
@@ -35,6 +34,7 @@ from vision_service.config import VisionConfig
 from vision_service.devices import DTYPES, resolve_device
 from vision_service.models import PreparedImage, load_vision_model
 from vision_service.preprocess import decode_image
+from vision_service.staging import host_copy
 from vision_service.types import ImageEmbedding
 
 logger = logging.getLogger(__name__)
@@ -98,12 +98,9 @@ def _settle(future: asyncio.Future, result: ImageEmbedding | None, error: BaseEx
 
 
 def _copied(src: torch.Tensor) -> torch.Tensor:
-    """A copy of the host bytes `src` made by the calling thread alone (numpy's, off the GIL).
-    torch's copy_ splits a copy this large over its intra-op thread pool, whose threads spin
-    and wait on one another while other processes (the split tiers) want the same cores: W4 fell
-    from 92% to 80% of embedded with it (bench/RESULTS.md)."""
+    """A copy of the host tensor `src` made by the calling thread alone (staging.host_copy)."""
     out = torch.empty_like(src)
-    np.copyto(out.numpy(), src.numpy())
+    host_copy(out, src)
     return out
 
 

@@ -9,7 +9,18 @@ the buffers are pinned once, reserved before serving at their largest where that
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[...] = src between contiguous host tensors of one dtype, as bytes, by numpy on the
+    calling thread alone (the GIL let go). torch's copy_ splits a copy this large over its
+    intra-op thread pool, whose threads spin and wait on one another while other threads and
+    processes (the split tiers) want the same cores: staging uint8 pixels that way held the split
+    vision tier's worker ~3 s over W4's 256 images, and W4 fell from 92% to 80% of embedded
+    when the finisher's copy took that path (bench/RESULTS.md)."""
+    np.copyto(dst.reshape(-1).view(torch.uint8).numpy(), src.reshape(-1).view(torch.uint8).numpy())
 
 
 class PinnedStaging:
@@ -47,7 +58,11 @@ class PinnedStaging:
         staged = buffer[:numel].view(shape)
         start = 0
         for p in parts:
-            staged[start : start + p.shape[0]].copy_(p)
+            rows = staged[start : start + p.shape[0]]
+            if p.dtype == dtype and p.is_contiguous():
+                host_copy(rows, p)
+            else:  # a cast
+                rows.copy_(p)
             start += p.shape[0]
         on_device = staged.to(device, non_blocking=True)
         self._copied[i] = torch.cuda.Event()
