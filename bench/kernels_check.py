@@ -153,7 +153,7 @@ def run_checks(device: str, quick: bool) -> list[dict]:
 
     mixed = [(0, 37), (48, 20), (100, 1), (256, 128), (0, 1), (5, 300), (1000, 3)]
     # short prefills (the split kernel): no prefix, W3-like prefixes, a decode row, a sequence with
-    # no queries, and last PrefillGraphs' padding (queries, seq_len set to 0)
+    # no queries, and last a padding sequence (queries, seq_len set to 0)
     short = [(0, 9), (780, 16), (780, 32), (1000, 64), (33, 1), (0, 64), (200, 0), (0, 40)]
     small = [(0, 9), (16, 7), (33, 1), (0, 1), (40, 20)]
     if quick:  # fp16, not bf16: the interpreter's bf16 tl.dot is wrong (Triton 3.6)
@@ -207,7 +207,7 @@ def check_shape(hq, hkv, d, page, dt, mixed, short, dec_lens, splits, quick, dev
     # short prefills: the split kernel against the prefill kernel's reference
     case = Case(short, hq, hkv, d, page, dt, extra_cols=5)
     _, (q, kc, vc, bt, cu, lens) = build(case, device, gen)
-    lens[-1] = 0  # PrefillGraphs' padding rows: queries, no keys, zero output
+    lens[-1] = 0  # padding rows: queries, no keys, zero output
     pad = slice(int(cu[-2]), int(cu[-1]))
     ref = reference(q, kc, vc, bt, cu, lens, scale)
     max_q = max(n for _, n in case.seqs)
@@ -297,9 +297,9 @@ def check_graph(gen, record) -> None:
 
 
 def check_prefill_graph(gen, record) -> None:
-    """PrefillGraphs' layout for LLaVA-1.5-7B: sequence 0's n <= 32 new tokens after a cached prefix,
-    the rest padding rows as sequence 1 of length 0, block table [2, 64] at page 64; captured once,
-    replayed on new prefixes, n, tables and queries."""
+    """A short prefill graph for LLaVA-1.5-7B (PrefillGraphs' layout before its slots): sequence 0's
+    n <= 32 new tokens after a cached prefix, the rest padding rows as sequence 1 of length 0,
+    block table [2, 64] at page 64; captured once, replayed on new prefixes, n, tables and queries."""
     hq, hkv, d, page, dt, size, width = 32, 32, 128, 64, torch.bfloat16, 32, 64
     num_blocks = 2 * width
     kc = torch.randn(num_blocks, page, hkv, d, generator=gen).to(dt).cuda()
@@ -441,7 +441,7 @@ def run_timings(res: dict) -> None:
 
 
 def prefill_setup(n, ctx, page=64, width=64):
-    """PrefillGraphs' layout: n new queries after ctx cached keys as sequence 0, an empty padding
+    """A short prefill: n new queries after ctx cached keys as sequence 0, an empty padding
     sequence 1 (seq_len 0, no rows), block tables [2, width]; layers as in decode_setup."""
     s = decode_setup(1, ctx + n, page, width=width)
     s["q"] = torch.randn(n, 32, 128, device="cuda", dtype=torch.bfloat16)

@@ -267,7 +267,7 @@ def _main() -> int:
     oks.append(_check("prefill kernel, 16x16 tiles", run(ta._prefill, args, 20, block_m=16, block_n=16), ref))
 
     # short prefills: no prefix, prefixes, a decode row, no queries, one old tile and then three
-    # holding new queries (24, 40), PrefillGraphs' padding last
+    # holding new queries (24, 40), a padding sequence (queries, no keys) last
     args, _ = _case([(0, 9), (70, 16), (33, 1), (40, 0), (24, 40), (0, 12)], hq, hkv, d, page, gen)
     args[5][-1] = 0
     ref = _reference(*args, scale)

@@ -1,16 +1,16 @@
-"""Decode steps replayed from CUDA graphs.
+"""Decode, prefill and mixed steps replayed from CUDA graphs.
 
 A decode step of a 7B model is a few hundred small kernels; launched one by one from Python
 they cost more host time than the GPU needs at small batches. Pure decode steps (every
 sequence q_len 1, no image rows) are therefore captured once per batch size of a ladder and
 replayed: the step's tensors are copied into static buffers, the rows past the batch are
 padding (slot -1: nothing stored; seq_len 0: attention gives zeros) and the smallest
-captured size that holds the batch replays. Everything else runs eagerly.
+captured size that holds the batch replays. PrefillGraphs does the same for prefill and mixed
+steps (up to 16 prompts beside the running decodes) over a ladder of token counts. A step that
+fits no graph runs eagerly.
 
 The graph covers the model forward and the LM head, so with tensor parallelism each rank
 replays its own graph of the same size and the collectives (NCCL) are part of the graph.
-PrefillGraphs does the same for prefill and mixed steps of up to a few sequences, over a ladder of
-token counts.
 """
 from __future__ import annotations
 

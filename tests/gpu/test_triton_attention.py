@@ -120,7 +120,7 @@ def _replay_and_check(graph, out, reference, tol, repeats=30):
     (32, 32, 128, torch.bfloat16, 1e-2), (28, 4, 128, torch.float16, 2e-3), (4, 2, 16, torch.float32, 1e-5)])
 def test_short_prefill_split_kernel(hq, hkv, d, dtype, tol, fold):
     """Follow-up turns after a prefix-cache hit: a few sequences of <= 64 new tokens over long
-    cached prefixes, and PrefillGraphs' padding sequence (queries, seq_len 0: zero output)."""
+    cached prefixes, and a padding sequence (queries, seq_len 0: zero output)."""
     seqs = [(780, 16), (0, 9), (33, 1), (200, 32), (1500, 64), (0, 40)]
     q, kc, vc, bt, cu, lens = _batch(seqs, hq, hkv, d, dtype)
     lens[-1] = 0
@@ -140,8 +140,9 @@ def test_short_prefill_split_kernel(hq, hkv, d, dtype, tol, fold):
 @pytest.mark.parametrize("fold", [True, False])
 @pytest.mark.parametrize("hq,hkv,d,dtype,tol", [(32, 32, 128, torch.bfloat16, 1e-2), (4, 2, 16, torch.float32, 1e-5)])
 def test_short_prefill_in_cuda_graph(hq, hkv, d, dtype, tol, fold, monkeypatch):
-    """PrefillGraphs' layout: sequence 0's n <= 32 new tokens, the other rows padding as sequence 1
-    of length 0, a [2, 64] block table at page 64; captured once, replayed on new prefixes and n."""
+    """A short prefill graph (PrefillGraphs' layout before its decode and prompt slots): sequence
+    0's n <= 32 new tokens, the other rows padding as sequence 1 of length 0, a [2, 64] block
+    table at page 64; captured once, replayed on new prefixes and n."""
     monkeypatch.setattr(ta, "FOLD", fold)
     size, width, page = 32, 64, 64
     kc = torch.randn(2 * width, page, hkv, d, dtype=dtype, device="cuda")
