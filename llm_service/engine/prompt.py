@@ -17,25 +17,25 @@ from vision_service.types import ImageEmbedding, VisionEncoder
 async def embed_images(
     images: Seq[common_pb2.ImageInput],
     keys: list[str],
+    has_data: Seq[bool],
     cache: EmbeddingCache,
     vision: VisionEncoder,
     hidden_size: int,
     dtype: torch.dtype,
-    has_data: Seq[bool] | None = None,
 ) -> list[torch.Tensor]:
     """Each image's rows [n, hidden] in `dtype`, in order. Kept on the CPU: the cache must
     not eat the GPU memory the KV cache was sized from; rows move over at prefill.
-    `has_data`: whether each image came with bytes, when the caller knows it (reading
-    image.data copies them: ~0.2 ms of the event loop's GIL for a fresh 336 px image)."""
+    `has_data`: whether each image came with bytes (the caller has read them once: reading
+    image.data copies them, ~0.2 ms of the event loop's GIL for a fresh 336 px image)."""
     found: dict[str, ImageEmbedding] = {}
     missing: dict[str, common_pb2.ImageInput] = {}
-    for i, (image, key) in enumerate(zip(images, keys)):
+    for image, key, sent_bytes in zip(images, keys, has_data):
         if key in found or key in missing:
             continue
         hit = cache.get(key)
         if hit is not None:
             found[key] = hit
-        elif not (has_data[i] if has_data is not None else image.data):
+        elif not sent_bytes:
             raise ValueError(f"image {image.sha256} was sent without bytes and is not in the embedding cache")
         else:
             missing[key] = image
@@ -77,7 +77,7 @@ async def build_sequence(
         has_data = [bool(data) for data in datas]
         keys = await image_keys(images, datas)
         del datas  # not held while the vision tier encodes
-        rows = await embed_images(images, keys, cache, vision, spec.args.hidden_size, dtype, has_data)
+        rows = await embed_images(images, keys, has_data, cache, vision, spec.args.hidden_size, dtype)
     token_ids: list[int] = []
     spans: list[ImageSpan] = []
     image_index = 0
