@@ -23,6 +23,10 @@ def host_copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     np.copyto(dst.reshape(-1).view(torch.uint8).numpy(), src.reshape(-1).view(torch.uint8).numpy())
 
 
+def _fits(buffer: torch.Tensor | None, numel: int, dtype: torch.dtype) -> bool:
+    return buffer is not None and buffer.numel() >= numel and buffer.dtype == dtype
+
+
 class PinnedStaging:
     """`buffers` pinned buffers used in turn: a buffer is written again only once the copy out
     of it has run (its event), so with two one batch is staged while the previous one's copy may
@@ -37,7 +41,7 @@ class PinnedStaging:
     def reserve(self, numel: int, dtype: torch.dtype) -> None:
         """Pin every buffer for copies of up to `numel` elements now, before serving."""
         for i, buffer in enumerate(self._buffers):
-            if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+            if not _fits(buffer, numel, dtype):
                 self._buffers[i] = torch.empty(numel, dtype=dtype, pin_memory=True)
 
     def to_device(self, parts: list[torch.Tensor], device: torch.device,
@@ -51,7 +55,7 @@ class PinnedStaging:
         numel = shape[0] * parts[0][0].numel()
         i, self._next = self._next, (self._next + 1) % len(self._buffers)
         buffer = self._buffers[i]
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        if not _fits(buffer, numel, dtype):
             buffer = self._buffers[i] = torch.empty(numel, dtype=dtype, pin_memory=True)
         elif self._copied[i] is not None:
             self._copied[i].synchronize()
