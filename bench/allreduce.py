@@ -10,7 +10,9 @@ Spawns one process per GPU (2 by default) and joins them through `start_group` w
    and a chain of 64 dependent all-reduces in one graph, replayed 20 times, against the same chain
    through NCCL (a buffer reused before a peer had read it would show here); with `ll`, the fused
    all-reduce + residual add + RMSNorm against NCCL + the norm kernel (eager, and in a graph chain
-   interleaved with plain all-reduces);
+   interleaved with plain all-reduces), the all-gather of the last dimension against NCCL's
+   all_gather + cat, and a graph of GEMVs (every other one sending its partial sums), fused norms
+   and a gather, all launched with PDL, against the same kernels launched one at a time;
 2. timing (unless --check-only): us per all-reduce, 64 back to back in one CUDA graph, replayed, for
    8 KB .. 8 MiB bf16 (past the serving thresholds too): NCCL, symm, ll (up to its 512 KB) and torch's
    two-shot (copy in, two_shot_all_reduce_, copy out); the same eagerly (host launch included); and a
@@ -53,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from llm_service import distributed as tp  # noqa: E402
 from llm_service.distributed import symm_allreduce  # noqa: E402
 from llm_service.layers.triton_fused import rms_norm  # noqa: E402
+from llm_service.layers.triton_gemv import gemv  # noqa: E402
 
 SHAPES = [(1, 4096), (8, 4096), (64, 4096)]
 DTYPES = [torch.bfloat16, torch.float32]
@@ -100,8 +103,11 @@ class Checks:
             print(f"CHECK {name}: {'ok' if ok else 'FAIL'}", flush=True)
 
     def exact(self, name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-        self.record(f"{name} == NCCL", torch.equal(_bits(got), _bits(want)))
-        self.record(f"{name} same bits on every rank", _same_on_all_ranks(got))
+        self.exact_as(f"{name} == NCCL", got, want)
+
+    def exact_as(self, name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+        self.record(name, torch.equal(_bits(got), _bits(want)))
+        self.record(f"{name}: same bits on every rank", _same_on_all_ranks(got))
 
 
 PATHS = ["symm", "ll"]  # --paths
@@ -135,8 +141,89 @@ def check(rank: int, device) -> list:
             tp._TP.fast = fast
     if fast.ll is not None:
         _check_norm(c, fast, rank, device)
+        _check_gather(c, fast, rank, device)
+        _check_pdl_chain(c, fast, rank, device)
     torch.cuda.synchronize()
     return c.results
+
+
+def _nccl_gather(x: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)
+
+
+def _check_gather(c: Checks, fast, rank: int, device) -> None:
+    """ll_allreduce's all-gather of the last dimension (the LM head's vocab shards) against NCCL's
+    all_gather + cat, bit for bit and on every rank: eagerly, and replayed from a graph in which it
+    shares the call counter and receive halves with plain and fused all-reduces."""
+    shapes = [(1, 16032), (4, 16032), (16, 16032), (3, 40)]
+    for dtype in DTYPES:
+        for shape in shapes:
+            x = _inputs(shape, dtype, rank, 90 + shape[0], device)
+            fits = fast.ll.fits_gather(x)
+            c.record(f"gather {list(shape)} {dtype}: {'fits' if fits else 'too large'}",
+                     fits == (x.numel() * x.element_size() <= fast.ll.max_bytes))
+            if fits:
+                c.exact(f"gather eager {list(shape)} {dtype}", fast.ll.all_gather_last_dim(x), _nccl_gather(x))
+    statics = [torch.zeros(1, 16032, dtype=torch.bfloat16, device=device),
+               torch.zeros(1, 4096, dtype=torch.bfloat16, device=device)]
+    res0 = _inputs((1, 4096), torch.bfloat16, 0, 95, device)
+    res, w = res0.clone(), _inputs((4096,), torch.bfloat16, 0, 96, device) * 0.1 + 1
+    outs = []
+    graph = _capture(lambda: outs.extend([fast.ll.all_gather_last_dim(statics[0]),
+                                          fast.ll.reduce_rms_norm_(tp.all_reduce(statics[1]), res, w, EPS),
+                                          fast.ll.all_gather_last_dim(statics[0] * 2)]))
+    for trial in range(2):
+        inputs = [_inputs(t.shape, t.dtype, rank, 97 + trial, device) for t in statics]
+        for t, x in zip(statics, inputs):
+            t.copy_(x)
+        res.copy_(res0)
+        graph.replay()
+        c.exact(f"gather in a graph, replay {trial}", outs[0], _nccl_gather(inputs[0]))
+        c.exact(f"gather in a graph after a fused norm, replay {trial}", outs[2], _nccl_gather(inputs[0] * 2))
+
+
+def _check_pdl_chain(c: Checks, fast, rank: int, device) -> None:
+    """A decoder's kernels back to back, all launched with PDL (layers/pdl.py): Triton GEMV ->
+    fused all-reduce + norm -> GEMV ..., every other GEMV sending its partial sums itself (the norm
+    after it only receives), then the gathered head, in a graph replayed on new inputs, against
+    the same kernels launched one at a time (a host sync after each, so none overlaps) and none
+    sending: the same bits. A kernel that read its input before its predecessor finished would
+    read the previous replay's values."""
+    g = torch.Generator(device=device).manual_seed(rank)  # row-parallel weights: each rank its own
+    ws = [(torch.randn(4096, 4096, generator=g, device=device) * 0.02).to(torch.bfloat16) for _ in range(4)]
+    head = (torch.randn(8016, 4096, generator=g, device=device) * 0.02).to(torch.bfloat16)
+    w = _inputs((4096,), torch.bfloat16, 0, 98, device) * 0.1 + 1
+    h0 = torch.zeros(1, 4096, dtype=torch.bfloat16, device=device)
+    res = torch.zeros(1, 4096, dtype=torch.bfloat16, device=device)
+
+    def chain(one_at_a_time: bool):
+        def launch(fn, *args, **kw):
+            out = fn(*args, **kw)
+            if one_at_a_time:
+                torch.cuda.synchronize()
+            return out
+
+        h = h0
+        for i in range(16):  # in the graph every other GEMV sends its partial sums itself
+            sender = fast.ll if i % 2 and not one_at_a_time else None
+            x = launch(gemv, h, ws[i % 4], send=sender)
+            fast.ll.pending = x if sender is not None else None
+            h = launch(fast.ll.reduce_rms_norm_, x, res, w, EPS)
+        return launch(fast.ll.all_gather_last_dim, launch(gemv, h, head))
+
+    out = []
+    graph = _capture(lambda: out.append(chain(False)))
+    for trial in range(2):
+        start = _inputs((1, 4096), torch.bfloat16, rank, 99 + trial, device)
+        res0 = _inputs((1, 4096), torch.bfloat16, 0, 100 + trial, device)
+        h0.copy_(start)
+        res.copy_(res0)
+        graph.replay()
+        got = out[0].clone()
+        res.copy_(res0)
+        c.exact_as(f"PDL chain of GEMV, fused norm and gather in a graph, replay {trial}", got, chain(True))
 
 
 def _unfused(x, residual, weight):
@@ -163,6 +250,18 @@ def _check_norm(c: Checks, fast, rank: int, device) -> None:
             c.record(f"{name}: residual == NCCL + add", torch.equal(_bits(got_res), _bits(want_res)))
             c.record(f"{name}: output ~ NCCL + norm", torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
             c.record(f"{name}: same bits on every rank", _same_on_all_ranks(got))
+            # the same sums made by a GEMV that sends them itself: the norm only receives
+            h = _inputs((rows, 1024), dtype, rank, 40 + rows, device)
+            wt = _inputs((4096, 1024), dtype, rank, 41, device) * 0.05
+            plain = gemv(h, wt)
+            sent = gemv(h, wt, send=fast.ll)
+            fast.ll.pending = sent
+            sent_res, plain_res = res.clone(), res.clone()
+            got_sent = fast.ll.reduce_rms_norm_(sent, sent_res, w, EPS)
+            got_plain = fast.ll.reduce_rms_norm_(plain.clone(), plain_res, w, EPS)
+            c.record(f"{name}, sent by the GEMV: partial sums as the plain GEMV's", torch.equal(_bits(sent), _bits(plain)))
+            c.exact_as(f"{name}, sent by the GEMV: residual as sent by the norm", sent_res, plain_res)
+            c.exact_as(f"{name}, sent by the GEMV: output as sent by the norm", got_sent, got_plain)
     xs = [_inputs((1, 4096), torch.bfloat16, rank, 70 + i, device) for i in range(4)]
     res0 = _inputs((1, 4096), torch.bfloat16, 0, 80, device)
     w = _inputs((4096,), torch.bfloat16, 0, 81, device) * 0.1 + 1

@@ -281,6 +281,12 @@ def _main() -> int:
     oks += _split_checks("decode", run, args, ref, 1, ((1, True), (4, True), (4, False), (16, True)))
     oks.append(_check("decode via paged_attention", ta.paged_attention(*args, scale), ref))
 
+    # MHA decode (one real row of the 16 a program pads to; the merge takes that one) with more
+    # active splits than a merge loads at once (_merge_block: 16)
+    mha = _case([(300, 1), (40, 1)], 2, 2, d, page, gen)[0]
+    mha_ref = _reference(*mha, scale)
+    oks += _split_checks("MHA decode", run, mha, mha_ref, 1, ((32, True), (32, False)))
+
     # a mixed step: two leading decodes (the split kernel) then prefills and a late decode row
     # (the prefill kernel), over a float cache and an int8 one
     for int8 in (False, True):

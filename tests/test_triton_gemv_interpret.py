@@ -193,9 +193,43 @@ def _llama_layers(gen) -> list[bool]:
     return oks
 
 
+def _sends(gen) -> list[bool]:
+    """The GEMV that sends a row-parallel layer's partial sums (ll_allreduce.send_partials), as rank
+    0 and rank 1 of two whose receive buffers are host tensors here: the same result as the plain
+    GEMV, and in the peer's slot for this rank, at the next call's half, packets of this call's
+    flag carrying the result's words (bf16: column pairs; fp32: one a word). One row in bf16 (the
+    interpreter's bf16 tl.dot is unreliable), 1 and 3 rows in fp32; N not a multiple of the
+    program's rows."""
+    from llm_service.distributed.ll_allreduce import LLAllReduce
+    from llm_service.layers.triton_gemv import gemv
+
+    world, max_bytes = 2, 16384
+    words = max_bytes // 4
+    bufs = [torch.zeros(2 * world * words, dtype=torch.int64) for _ in range(world)]
+    table = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    oks = []
+    for dtype, rows in ((torch.bfloat16, 1), (torch.float32, 1), (torch.float32, 3)):
+        for rank in range(world):
+            done = 6 + rank  # calls so far: the packets are call done + 1's
+            ll = LLAllReduce(bufs[rank], None, table, torch.tensor([done]), torch.zeros(1, dtype=torch.int32),
+                             rank, world, max_bytes)
+            x = torch.randn(rows, 96, generator=gen).to(dtype)
+            w = torch.randn(44, 96, generator=gen).to(dtype)
+            y = gemv(x, w, send=ll)
+            call = done + 1
+            start = (call % 2 * world + rank) * words
+            slot = bufs[1 - rank][start: start + y.numel() * y.element_size() // 4]
+            flags_ok = bool((((slot >> 32) & 0xFFFFFFFF) == call % 0xFFFFFFFF + 1).all())
+            sent = (slot & 0xFFFFFFFF).to(torch.int32).view(dtype).view(rows, 44)
+            oks.append(_report(f"gemv sending partial sums {dtype} rows={rows} as rank {rank}: the plain "
+                               "GEMV's result, in the peer's slot with this call's flag",
+                               torch.equal(y, gemv(x, w)) and flags_ok and torch.equal(sent, y)))
+    return oks
+
+
 def _main() -> int:
     gen = torch.Generator().manual_seed(0)
-    oks = _gated(gen) + _qkv(gen) + _llama_layers(gen)
+    oks = _gated(gen) + _qkv(gen) + _llama_layers(gen) + _sends(gen)
     if all(oks):
         print("all ok")
     return 0 if all(oks) else 1

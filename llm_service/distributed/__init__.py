@@ -117,10 +117,23 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     return fast.ll.reduce_rms_norm_(x, residual, weight, eps)
 
 
+def partial_sender(rows: int, hidden: int, dtype: torch.dtype):
+    """The ll all-reduce (an ll_allreduce.LLAllReduce) when the next norm will sum a row-parallel
+    layer's [rows, hidden] partial sums through it (`all_reduce_rms_norm`), so that the GEMV
+    making them can send them itself (triton_gemv.gemv's `send`); None otherwise."""
+    fast = _TP.fast
+    if _TP.size == 1 or fast is None or fast.ll is None or not fast.ll.fits_norm_rows(rows, hidden, dtype):
+        return None
+    return fast.ll
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's shard of the last dimension (vocab-parallel logits)."""
     if _TP.size == 1:
         return x
+    fast = _TP.fast
+    if fast is not None and fast.ll is not None and fast.ll.fits_gather(x):  # decode's few rows: one launch
+        return fast.ll.all_gather_last_dim(x)
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)

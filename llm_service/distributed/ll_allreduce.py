@@ -15,7 +15,22 @@ and a slot is trusted only when its flag is this call's.
 
 The same exchange also runs fused with what follows every row-parallel layer of a decoder:
 `reduce_rms_norm_` sums a decode batch's rows over the ranks, adds them to the residual and
-normalises, one program a row, in one launch instead of an all-reduce and a norm kernel.
+normalises, one program a row, in one launch instead of an all-reduce and a norm kernel. Its
+packets need not even wait for it: the GEMV of the row-parallel layer before it sends them as
+each of its programs finishes (`send_partials`, triton_gemv.gemv's `send`; `LLAllReduce.pending`
+names the tensor so sent), so they cross NVLink while that GEMV still runs, and the norm only
+receives. The buffer argument holds for those sends too: the GEMV sends after its PDL wait, when
+the call before has finished on this rank. And it gathers instead of summing in
+`all_gather_last_dim` (a decode step's vocab-parallel logits), one launch where NCCL's all-gather
+and a concatenation took two.
+
+PDL: the kernels launch with programmatic dependent launch (layers/pdl.py), like the kernels
+around them. Each program first lets the next kernel launch (a GEMV then streams its first weight
+slice while this one waits on NVLink) and reads nothing but the norm's weight and the buffers'
+addresses before its `gdc_wait`: the call counter, x and the residual come after, once the
+previous kernel has finished. The next kernel launches only when every program of this one has started, so its
+programs never take the SM slots a spinning program's partner needs; and no program spins before
+its predecessor is done.
 
 Sums: bf16 pairs with `fma.rn.bf16x2` (x * 1 + y: one rounding, as NCCL and torch's __hadd2),
 fp32 with an fp32 add; rank 0 + 1 + ... on every rank, so every rank gets the same bits.
@@ -30,6 +45,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from llm_service.layers import pdl
 
 try:
     import triton
@@ -62,29 +79,51 @@ if AVAILABLE:
         return (acc.to(tl.float32, bitcast=True) + v.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
 
     @triton.jit
-    def _exchange(words, offs, mask, ptrs_ptr, half, flag, rank,
-                  WORLD: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
-                  IS_BF16: tl.constexpr, ASM: tl.constexpr):
-        """Send this rank's `words` (at word offsets `offs`) to every peer, wait for theirs, and
-        return the sum over the ranks in rank order."""
+    def _table(ptrs_ptr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr):
+        """Every rank's receive buffer (int64 addresses): set up once, so loaded before the PDL wait."""
+        idx = tl.arange(0, WORLD_P2)
+        return tl.load(ptrs_ptr + idx, mask=idx < WORLD, other=0)
+
+    @triton.jit
+    def _buffer(table, p, WORLD_P2: tl.constexpr):
+        """Rank p's receive buffer, as packets."""
+        return tl.sum(tl.where(tl.arange(0, WORLD_P2) == p, table, 0)).to(tl.pointer_type(tl.int64))
+
+    @triton.jit
+    def _send(words, offs, mask, table, half, flag, rank,
+              WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr):
+        """Store this rank's `words` (at word offsets `offs`) as packets into every peer's slot for it."""
         packet = (flag << 32) | (words.to(tl.int64) & 0xFFFFFFFF)
-        for p in tl.static_range(WORLD):  # send: into every peer's slot for this rank
+        for p in tl.static_range(WORLD):
             if p != rank:
-                peer = tl.load(ptrs_ptr + p).to(tl.pointer_type(tl.int64))
-                tl.store(peer + (half * WORLD + rank) * MAX_WORDS + offs, packet, mask=mask)
-        mine = tl.load(ptrs_ptr + rank).to(tl.pointer_type(tl.int64))
+                tl.store(_buffer(table, p, WORLD_P2) + (half * WORLD + rank) * MAX_WORDS + offs, packet, mask=mask)
+
+    @triton.jit
+    def _receive(offs, mask, table, half, flag, rank, p,
+                 WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr):
+        """Rank p's words at `offs`, once every packet in this rank's slot for p carries `flag`."""
+        src = _buffer(table, rank, WORLD_P2) + (half * WORLD + p) * MAX_WORDS + offs
+        got = tl.load(src, mask=mask, other=0, volatile=True)
+        waiting = tl.sum(tl.where(mask & (((got >> 32) & 0xFFFFFFFF) != flag), 1, 0))
+        while waiting > 0:
+            got = tl.load(src, mask=mask, other=0, volatile=True)
+            waiting = tl.sum(tl.where(mask & (((got >> 32) & 0xFFFFFFFF) != flag), 1, 0))
+        return got.to(tl.int32)  # the low 32 bits
+
+    @triton.jit
+    def _exchange(words, offs, mask, table, half, flag, rank, SEND: tl.constexpr,
+                  WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                  IS_BF16: tl.constexpr, ASM: tl.constexpr):
+        """Send this rank's `words` (at word offsets `offs`) to every peer (unless the GEMV that
+        made them has: SEND False), wait for theirs, and return the sum over the ranks in rank order."""
+        if SEND:
+            _send(words, offs, mask, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
         ones = tl.full([BLOCK], 0x3F803F80, tl.int32)  # bf16x2 (1.0, 1.0)
         acc = words
         for p in tl.static_range(WORLD):  # receive and sum in rank order
             v = words
             if p != rank:
-                src = mine + (half * WORLD + p) * MAX_WORDS + offs
-                got = tl.load(src, mask=mask, other=0, volatile=True)
-                waiting = tl.sum(tl.where(mask & (((got >> 32) & 0xFFFFFFFF) != flag), 1, 0))
-                while waiting > 0:
-                    got = tl.load(src, mask=mask, other=0, volatile=True)
-                    waiting = tl.sum(tl.where(mask & (((got >> 32) & 0xFFFFFFFF) != flag), 1, 0))
-                v = got.to(tl.int32)  # the low 32 bits
+                v = _receive(offs, mask, table, half, flag, rank, p, WORLD, WORLD_P2, MAX_WORDS)
             if p == 0:
                 acc = v
             else:
@@ -99,22 +138,77 @@ if AVAILABLE:
 
     @triton.jit
     def _end_call(epoch_ptr, done_ptr, call):
-        """The last program of this call advances the counter for the next one."""
-        arrived = tl.atomic_add(done_ptr, 1, sem="acq_rel")
-        if arrived == tl.num_programs(0) - 1:
+        """The last program of this call advances the counter for the next one (a call of one
+        program, the fused norm's at one row, just does: no atomic at the end of its path)."""
+        if tl.num_programs(0) == 1:
             tl.store(epoch_ptr, call)
-            tl.store(done_ptr, 0)
+        else:
+            arrived = tl.atomic_add(done_ptr, 1, sem="acq_rel")
+            if arrived == tl.num_programs(0) - 1:
+                tl.store(epoch_ptr, call)
+                tl.store(done_ptr, 0)
+
+    @triton.jit
+    def send_partials(y, rows, cols, M, N, ptrs_ptr, epoch_ptr, rank,
+                      WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_BF16: tl.constexpr):
+        """A row-parallel GEMV's epilogue: its tile y [BLOCK_M, BLOCK_N] of the partial sums [M, N]
+        (rows `rows`, columns `cols` = the program's BLOCK_N from an even first one, already in
+        the model dtype) sent as the packets of the next call, which `_ll_all_reduce_rms_norm`
+        with SEND False then only receives. Called after the GEMV's PDL wait: the previous call
+        has finished, so its counter is final and this call's half is free (module docstring)."""
+        call, half, flag = _call_flag(epoch_ptr)
+        table = _table(ptrs_ptr, WORLD, WORLD_P2)
+        if IS_BF16:  # column pairs (2j, 2j + 1) into word j
+            bits = y.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            lo, hi = tl.split(tl.reshape(bits, [BLOCK_M, BLOCK_N // 2, 2]))
+            words = lo | (hi << 16)
+            wcol = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            offs = rows[:, None] * (N // 2) + wcol[None, :]
+            mask = (rows[:, None] < M) & (2 * wcol < N)[None, :]
+        else:
+            words = y.to(tl.int32, bitcast=True)
+            offs = rows[:, None] * N + cols[None, :]
+            mask = (rows[:, None] < M) & (cols < N)[None, :]
+        _send(words, offs, mask, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
 
     @triton.jit
     def _ll_all_reduce(x_ptr, n_words, ptrs_ptr, epoch_ptr, done_ptr, rank,
-                       WORLD: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
-                       IS_BF16: tl.constexpr, ASM: tl.constexpr):
+                       WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                       IS_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+        table = _table(ptrs_ptr, WORLD, WORLD_P2)
+        if PDL:  # see the module docstring, "PDL"
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         call, half, flag = _call_flag(epoch_ptr)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_words
         words = tl.load(x_ptr + offs, mask=mask, other=0)
-        acc = _exchange(words, offs, mask, ptrs_ptr, half, flag, rank, WORLD, MAX_WORDS, BLOCK, IS_BF16, ASM)
+        acc = _exchange(words, offs, mask, table, half, flag, rank, True, WORLD, WORLD_P2, MAX_WORDS, BLOCK,
+                        IS_BF16, ASM)
         tl.store(x_ptr + offs, acc, mask=mask)
+        _end_call(epoch_ptr, done_ptr, call)
+
+    @triton.jit
+    def _ll_all_gather(x_ptr, out_ptr, n_words, row_words, ptrs_ptr, epoch_ptr, done_ptr, rank,
+                       WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+        """out [rows, WORLD * row_words] = every rank's x [rows, row_words] side by side, in rank order."""
+        table = _table(ptrs_ptr, WORLD, WORLD_P2)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        call, half, flag = _call_flag(epoch_ptr)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_words
+        words = tl.load(x_ptr + offs, mask=mask, other=0)
+        _send(words, offs, mask, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
+        dst = out_ptr + (offs // row_words) * (WORLD * row_words) + offs % row_words
+        for p in tl.static_range(WORLD):
+            v = words
+            if p != rank:
+                v = _receive(offs, mask, table, half, flag, rank, p, WORLD, WORLD_P2, MAX_WORDS)
+            tl.store(dst + p * row_words, v, mask=mask)
         _end_call(epoch_ptr, done_ptr, call)
 
     @triton.jit
@@ -141,27 +235,34 @@ if AVAILABLE:
 
     @triton.jit
     def _ll_all_reduce_rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, row_words, hidden, eps,
-                                ptrs_ptr, epoch_ptr, done_ptr, rank,
-                                WORLD: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
-                                IS_BF16: tl.constexpr, ASM: tl.constexpr):
+                                ptrs_ptr, epoch_ptr, done_ptr, rank, SEND: tl.constexpr,
+                                WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr,
+                                BLOCK: tl.constexpr, IS_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
         """One row a program: x summed over the ranks, then residual += x and out = RMSNorm(residual),
         rounding where triton_fused._rms_norm_kernel does. All four tensors are contiguous rows of
-        `row_words` 4-byte words; fp32 rows use only the low lane."""
-        call, half, flag = _call_flag(epoch_ptr)
+        `row_words` 4-byte words; fp32 rows use only the low lane. SEND False: the GEMV that made
+        x has sent its packets (`send_partials`)."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         cols = tl.arange(0, BLOCK)
         mask = cols < row_words
+        w_lo, w_hi = _lanes(tl.load(w_ptr + cols, mask=mask, other=0), IS_BF16)  # before the wait: a weight,
+        table = _table(ptrs_ptr, WORLD, WORLD_P2)  # and the buffers' addresses
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        call, half, flag = _call_flag(epoch_ptr)
         offs = tl.program_id(0) * row_words + cols
         words = tl.load(x_ptr + offs, mask=mask, other=0)
-        acc = _exchange(words, offs, mask, ptrs_ptr, half, flag, rank, WORLD, MAX_WORDS, BLOCK, IS_BF16, ASM)
+        r_lo, r_hi = _lanes(tl.load(res_ptr + offs, mask=mask, other=0), IS_BF16)  # in flight while waiting
+        acc = _exchange(words, offs, mask, table, half, flag, rank, SEND, WORLD, WORLD_P2, MAX_WORDS, BLOCK,
+                        IS_BF16, ASM)
         a_lo, a_hi = _lanes(acc, IS_BF16)
-        r_lo, r_hi = _lanes(tl.load(res_ptr + offs, mask=mask, other=0), IS_BF16)
         s_lo, s_hi = _round(a_lo + r_lo, IS_BF16), _round(a_hi + r_hi, IS_BF16)
         tl.store(res_ptr + offs, _pack(s_lo, s_hi, IS_BF16), mask=mask)
         squares = s_lo * s_lo
         if IS_BF16:
             squares += s_hi * s_hi
         inv = 1.0 / tl.sqrt(tl.sum(tl.where(mask, squares, 0.0), axis=0) / hidden + eps)
-        w_lo, w_hi = _lanes(tl.load(w_ptr + cols, mask=mask, other=0), IS_BF16)
         o_lo = w_lo * _round(s_lo * inv, IS_BF16)
         o_hi = w_hi * _round(s_hi * inv, IS_BF16)
         tl.store(out_ptr + offs, _pack(o_lo, o_hi, IS_BF16), mask=mask)
@@ -180,6 +281,15 @@ class LLAllReduce:
     rank: int
     world: int
     max_bytes: int
+    # the partial sums whose packets a GEMV has sent (`sends_partials`), until reduce_rms_norm_ takes them
+    pending: torch.Tensor | None = None
+
+    def _consts(self) -> dict:
+        return dict(WORLD=self.world, WORLD_P2=triton.next_power_of_2(self.world), MAX_WORDS=self.max_bytes // 4)
+
+    def _no_pending(self) -> None:
+        if self.pending is not None:  # its call would be taken by another: the ranks' calls go out of step
+            raise RuntimeError("ll all-reduce: a GEMV sent partial sums that no reduce_rms_norm_ has taken")
 
     def fits(self, x: torch.Tensor) -> bool:
         nbytes = x.numel() * x.element_size()
@@ -187,33 +297,62 @@ class LLAllReduce:
                 and nbytes % 16 == 0 and x.is_contiguous() and x.storage_offset() * x.element_size() % 16 == 0)
 
     def reduce_(self, x: torch.Tensor) -> torch.Tensor:
+        self._no_pending()
         words = x.view(-1).view(torch.int32)
         n = words.numel()
         _ll_all_reduce[(triton.cdiv(n, BLOCK),)](
-            words, n, self.ptrs, self.epoch, self.done, self.rank,
-            WORLD=self.world, MAX_WORDS=self.max_bytes // 4, BLOCK=BLOCK,
-            IS_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_warps=4)
+            words, n, self.ptrs, self.epoch, self.done, self.rank, BLOCK=BLOCK, IS_BF16=x.dtype == torch.bfloat16,
+            ASM=x.is_cuda, num_warps=4, **self._consts(), **pdl.launch(x.device))
         return x
+
+    def fits_gather(self, x: torch.Tensor) -> bool:
+        """Whether `all_gather_last_dim` takes x: what `fits` takes, in rows of whole words."""
+        return self.fits(x) and x.dim() >= 1 and x.shape[-1] * x.element_size() % 4 == 0
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x side by side along the last dimension, in rank order (x must `fits_gather`)."""
+        self._no_pending()
+        row_words = x.shape[-1] * x.element_size() // 4
+        n = x.numel() * x.element_size() // 4
+        out = torch.empty((*x.shape[:-1], x.shape[-1] * self.world), dtype=x.dtype, device=x.device)
+        _ll_all_gather[(triton.cdiv(n, BLOCK),)](
+            x.view(-1).view(torch.int32), out.view(-1).view(torch.int32), n, row_words, self.ptrs, self.epoch,
+            self.done, self.rank, BLOCK=BLOCK, num_warps=4, **self._consts(), **pdl.launch(x.device))
+        return out
 
     def fits_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
         """Whether `reduce_rms_norm_` takes [rows, hidden] x: few rows (one program each, all
         resident), each a whole number of words, x and residual alike."""
-        rows, hidden = x.shape
-        return (self.fits(x) and rows <= MAX_NORM_ROWS and hidden * x.element_size() <= NORM_ROW_BYTES
-                and residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous())
+        return (self.fits_norm_rows(*x.shape, x.dtype) and self.fits(x) and residual.shape == x.shape
+                and residual.dtype == x.dtype and residual.is_contiguous())
+
+    def fits_norm_rows(self, rows: int, hidden: int, dtype: torch.dtype) -> bool:
+        """The shape part of `fits_rms_norm`: what a GEMV may send partial sums for."""
+        nbytes = rows * hidden * dtype.itemsize
+        return (dtype in (torch.bfloat16, torch.float32) and 0 < rows <= MAX_NORM_ROWS
+                and hidden * dtype.itemsize <= NORM_ROW_BYTES and nbytes <= self.max_bytes and nbytes % 16 == 0)
+
+    def send_args(self) -> tuple[tuple, dict]:
+        """What triton_gemv.gemv(..., send=self) passes its kernel for `send_partials`."""
+        return (self.ptrs, self.epoch, self.rank), self._consts()
 
     def reduce_rms_norm_(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                          eps: float) -> torch.Tensor:
         """x summed over the ranks, then residual += x in place; returns RMSNorm(residual) * weight
-        (x must `fits_rms_norm`). One launch instead of an all-reduce and a norm."""
+        (x must `fits_rms_norm`). One launch instead of an all-reduce and a norm. When x is
+        `pending` its GEMV has sent the packets, and this call only receives."""
+        sent = self.pending is x
+        if not sent:
+            self._no_pending()
+        self.pending = None
         rows, hidden = x.shape
         row_words = hidden * x.element_size() // 4
         out = torch.empty_like(x)
         _ll_all_reduce_rms_norm[(rows,)](
             x.view(torch.int32), residual.view(torch.int32), weight.view(torch.int32), out.view(torch.int32),
-            row_words, hidden, eps, self.ptrs, self.epoch, self.done, self.rank,
-            WORLD=self.world, MAX_WORDS=self.max_bytes // 4, BLOCK=triton.next_power_of_2(row_words),
-            IS_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_warps=8)
+            row_words, hidden, eps, self.ptrs, self.epoch, self.done, self.rank, SEND=not sent,
+            BLOCK=triton.next_power_of_2(row_words), IS_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_warps=8,
+            **self._consts(), **pdl.launch(x.device))
         return out
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llm_service.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
-from llm_service.layers import triton_gemv
+from llm_service.layers import triton_fused, triton_gemv
 from llm_service.layers.linear import project
 
 
@@ -24,13 +24,21 @@ class VocabParallelEmbedding(nn.Module):
         self.start = self.tp_rank * self.shard
         self.weight = nn.Parameter(torch.zeros(self.shard, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.fused = False
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         rows = min(self.shard, loaded.shape[0] - self.start)  # the last shard may be padded
         if rows > 0:
             param.data[:rows].copy_(loaded.narrow(0, self.start, rows))
 
+    def use_kernels(self) -> bool:
+        """The lookup, the shard's mask and the zeroing in one Triton launch (triton_fused.embedding)."""
+        self.fused = triton_fused.AVAILABLE
+        return self.fused
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return all_reduce(triton_fused.embedding(ids, self.weight, self.start))
         if self.tp_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_service.distributed import all_reduce, tp_rank, tp_size
+from llm_service.distributed import all_reduce, partial_sender, tp_rank, tp_size
 from llm_service.layers import triton_gemv
 
 
@@ -123,10 +123,14 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """reduce=False returns this rank's partial sums, for a next layer that sums them
         (a norm with reduce=True); only without a bias, which is added after the sum."""
-        y = project(x, self.weight, None, self.use_gemv)
         if not reduce:
             if self.bias is not None:
                 raise ValueError("a row-parallel layer with a bias must reduce its own output")
-            return y
+            sender = partial_sender(x.shape[0], self.weight.shape[0], x.dtype)
+            if sender is not None and self.use_gemv and x.shape[0] <= triton_gemv.MAX_ROWS:
+                sender.pending = triton_gemv.gemv(x, self.weight, send=sender)  # the norm only receives
+                return sender.pending
+            return project(x, self.weight, None, self.use_gemv)
+        y = project(x, self.weight, None, self.use_gemv)
         all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -12,8 +12,9 @@ kernels are launched with `launch_pdl=True` and, in the kernel (`PDL: tl.constex
   the K/V (and an int8 cache's scales) of positions cached before this step (its predecessor
   writes only this step's).
 The wait blocks until the previous grid has completed and flushed, and that grid itself waited
-for its own predecessor, so ordering stays transitive. Kernels without PDL (cuBLAS, torch ops,
-the all-reduce) keep the stream's usual full serialisation on both sides.
+for its own predecessor, so ordering stays transitive. The barrier-free all-reduce kernels
+(distributed/ll_allreduce.py) take part too. Kernels without PDL (cuBLAS, torch ops, NCCL) keep
+the stream's usual full serialisation on both sides.
 
 PRISM_PDL=0 turns it off. CPU runs (and Triton's interpreter, which has no inline asm) never use it.
 """

@@ -425,47 +425,56 @@ if AVAILABLE:
 
     @triton.jit
     def _rows(pid, q_row, q_len, GROUP: tl.constexpr, CHUNKS: tl.constexpr,
-              BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr):
+              BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS_H: tl.constexpr):
         """The rows of split program `pid` (axis 1): BLOCK_H query heads (chunk pid % CHUNKS of
-        kv head pid // CHUNKS's group) x BLOCK_Q queries. Returns (kv head, query head, token,
-        query index j, valid) per row."""
+        kv head pid // CHUNKS's group) x BLOCK_Q queries, of which the first ROWS_H heads (all
+        BLOCK_H, or fewer for the merge: the rows of the group past it are padding). Returns
+        (kv head, query head, token, query index j, valid) per row."""
         kvh = pid // CHUNKS
-        r = tl.arange(0, BLOCK_H * BLOCK_Q)
+        r = tl.arange(0, ROWS_H * BLOCK_Q)
         g = (pid % CHUNKS) * BLOCK_H + r // BLOCK_Q
         j = r % BLOCK_Q
         return kvh, kvh * GROUP + g, q_row + j, j, (g < GROUP) & (j < q_len)
 
     @triton.jit
     def _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, part0, active, row_ok, offs_d, d_mask,
-                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Merge the partials of splits 0..active-1 (index part0 + split) in split order, so the
-        result does not depend on which program merges. Loads bypass L1 (.cg): another program
-        on this SM may have cached a line of these partials before they were written."""
+                      D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Merge the partials of splits 0..active-1 (index part0 + split), BLOCK_S splits at a time:
+        their partials load together, so a merge waits on memory cdiv(active, BLOCK_S) times instead
+        of once a split (at bs=1 decode the merge is the end of attention's critical path). The
+        order of the sums depends on `active` only, not on which program merges. Loads bypass L1
+        (.cg): another program on this SM may have cached a line of these partials before they
+        were written."""
         m_i = tl.full([BLOCK_R], _M_INIT, tl.float32)
         l_i = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for split in range(0, active):
-            part = part0 + split
-            m_s = tl.load(mpart_ptr + part, mask=row_ok, other=_M_INIT, cache_modifier=".cg")
-            l_s = tl.load(lpart_ptr + part, mask=row_ok, other=0.0, cache_modifier=".cg")
-            a_s = tl.load(apart_ptr + part[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
-                          other=0.0, cache_modifier=".cg")
-            m_new = tl.maximum(m_i, m_s)
+        offs_s = tl.arange(0, BLOCK_S)
+        for s0 in range(0, active, BLOCK_S):
+            part = part0[:, None] + s0 + offs_s[None, :]  # [rows, splits]
+            ok = row_ok[:, None] & (s0 + offs_s < active)[None, :]
+            m_s = tl.load(mpart_ptr + part, mask=ok, other=_M_INIT, cache_modifier=".cg")
+            l_s = tl.load(lpart_ptr + part, mask=ok, other=0.0, cache_modifier=".cg")
+            a_s = tl.load(apart_ptr + part[:, :, None] * D + offs_d[None, None, :],
+                          mask=ok[:, :, None] & d_mask[None, None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_i, tl.max(m_s, 1))
             alpha = tl.exp2(m_i - m_new)
-            beta = tl.exp2(m_s - m_new)
-            l_i = l_i * alpha + l_s * beta
-            acc = acc * alpha[:, None] + a_s * beta[:, None]
+            beta = tl.exp2(m_s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(l_s * beta, 1)
+            acc = acc * alpha[:, None] + tl.sum(a_s * beta[:, :, None], 1)
             m_i = m_new
         return acc, l_i
 
     @triton.jit
     def _finish_split(o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr, b, pid, toks, heads, row_ok, offs_d, d_mask,
                       m_i, l_i, acc, split, active, num_q_heads, num_splits, stride_ot, stride_oh,
+                      merge_toks, merge_heads, merge_ok,
                       D: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      BLOCK_D: tl.constexpr, MERGE_R: tl.constexpr, BLOCK_S: tl.constexpr):
         """A split program's rows (max, sum, acc) to the output: written directly when the
         sequence's keys fit one split, else stored as this split's partial and, with FOLD, merged
-        by the split that finishes last (the counter of program (b, pid); see `_split_kernel`)."""
+        by the split that finishes last (the counter of program (b, pid); see `_split_kernel`).
+        The merge takes the MERGE_R rows merge_* (the real ones of the BLOCK_R: a padded GQA group
+        has fewer), BLOCK_S splits at a time."""
         mask = row_ok[:, None] & d_mask[None, :]
         if SPLIT:
             if active > 1:
@@ -478,9 +487,11 @@ if AVAILABLE:
                     counter = cnt_ptr + b * tl.num_programs(1) + pid
                     if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == active - 1:
                         tl.store(counter, 0)
-                        acc, l_i = _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, part0, active, row_ok,
-                                                 offs_d, d_mask, D, BLOCK_R, BLOCK_D)
-                        _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
+                        merge0 = (merge_toks * num_q_heads + merge_heads) * num_splits
+                        acc_m, l_m = _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, merge0, active, merge_ok,
+                                                   offs_d, d_mask, D, MERGE_R, BLOCK_D, BLOCK_S)
+                        _write_out(o_ptr, merge_toks, merge_heads, offs_d, merge_ok[:, None] & d_mask[None, :],
+                                   acc_m, l_m, stride_ot, stride_oh)
             else:
                 _write_out(o_ptr, toks, heads, offs_d, mask, acc, l_i, stride_ot, stride_oh)
         else:
@@ -496,6 +507,7 @@ if AVAILABLE:
         GROUP: tl.constexpr, CHUNKS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
         QUANT: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        MERGE_H: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         """One program: BLOCK_H query heads of one kv head x the (up to BLOCK_Q) queries of one
         sequence, over one split of its keys (decode: BLOCK_Q 1, the GQA group padded to 16 rows).
@@ -533,7 +545,7 @@ if AVAILABLE:
         """
         b, pid, split, q_row, q_len, seq_len, start, end, active = _split_program(cu_ptr, lens_ptr, num_splits, PDL,
                                                                                   BLOCK_N)
-        kvh, heads, toks, j, row_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q)
+        kvh, heads, toks, j, row_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q, BLOCK_H)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         k_base = kc_ptr + kvh * stride_kh
@@ -579,9 +591,11 @@ if AVAILABLE:
                 q, pos, m_i, l_i, acc, n0, end, k_base, v_base, ks_base, vs_base, bt_row, offs_d, d_mask, qk_scale,
                 stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss, PAGE, IEEE, QUANT, BLOCK_N, True)
 
+        _, merge_heads, merge_toks, _, merge_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q, MERGE_H)
         _finish_split(o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr, b, pid, toks, heads, row_ok, offs_d, d_mask,
-                      m_i, l_i, acc, split, active, num_q_heads, num_splits, stride_ot, stride_oh, D, SPLIT, FOLD,
-                      BLOCK_H * BLOCK_Q, BLOCK_D)
+                      m_i, l_i, acc, split, active, num_q_heads, num_splits, stride_ot, stride_oh,
+                      merge_toks, merge_heads, merge_ok, D, SPLIT, FOLD, BLOCK_H * BLOCK_Q, BLOCK_D,
+                      MERGE_H * BLOCK_Q, BLOCK_S)
 
     @triton.jit(do_not_specialize=_STEP_VARYING)
     def _decode_mha_kernel(
@@ -591,7 +605,7 @@ if AVAILABLE:
         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         ks_ptr, vs_ptr, stride_sb, stride_ss, stride_sh,
         D: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         """Decode over an int8 cache without GQA (one query row per kv head) on CUDA cores: one
         program per (sequence, head, split). The tensor-core kernel pads that row to 16 and
@@ -663,13 +677,15 @@ if AVAILABLE:
         one = tl.zeros([1], tl.int32)
         _finish_split(o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cnt_ptr, b, h, tok + one, h + one, one == 0, offs_d,
                       d_mask, m_top + tl.zeros([1], tl.float32), l_row, acc_row, split, active, num_q_heads,
-                      num_splits, stride_ot, stride_oh, D, SPLIT, FOLD, 1, BLOCK_D)
+                      num_splits, stride_ot, stride_oh, tok + one, h + one, one == 0, D, SPLIT, FOLD, 1, BLOCK_D,
+                      1, BLOCK_S)
 
     @triton.jit(do_not_specialize=["num_splits"])
     def _merge_kernel(
         o_ptr, mpart_ptr, lpart_ptr, apart_ptr, cu_ptr, lens_ptr, num_splits, num_q_heads, stride_ot, stride_oh,
         GROUP: tl.constexpr, CHUNKS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        MERGE_H: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         """Without FOLD: merge the splits of the rows of split program (b, pid); sequences whose
         keys fit one split were written by `_split_kernel` itself."""
@@ -683,11 +699,11 @@ if AVAILABLE:
         _, active = _split_range(tl.load(lens_ptr + b), num_splits, BLOCK_N)
         if active == 1:
             return
-        _, heads, toks, _, row_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q)
+        _, heads, toks, _, row_ok = _rows(pid, q_row, q_len, GROUP, CHUNKS, BLOCK_H, BLOCK_Q, MERGE_H)
         offs_d = tl.arange(0, BLOCK_D)
         d_mask = offs_d < D
         acc, l_i = _merge_splits(mpart_ptr, lpart_ptr, apart_ptr, (toks * num_q_heads + heads) * num_splits,
-                                 active, row_ok, offs_d, d_mask, D, BLOCK_H * BLOCK_Q, BLOCK_D)
+                                 active, row_ok, offs_d, d_mask, D, MERGE_H * BLOCK_Q, BLOCK_D, BLOCK_S)
         _write_out(o_ptr, toks, heads, offs_d, row_ok[:, None] & d_mask[None, :], acc, l_i, stride_ot, stride_oh)
 
 
@@ -862,6 +878,14 @@ def _num_splits(batch: int, programs: int, max_context: int, block_n: int, sm_co
     return splits
 
 
+MERGE_ELEMENTS = 4096  # fp32 partial values a merge loads at once (rows x splits x head_dim)
+
+
+def _merge_block(rows: int, block_d: int) -> int:
+    """Splits a merge loads at once (`_merge_splits`): up to 16, within MERGE_ELEMENTS."""
+    return max(1, min(16, MERGE_ELEMENTS // (rows * block_d)))
+
+
 def _split_rows(group: int, max_q_len: int) -> tuple[int, int, int]:
     """(BLOCK_Q, BLOCK_H, chunks) of a split program: BLOCK_H query heads x BLOCK_Q queries, at
     least 16 rows (tensor-core dots) and, past that, at most 64; `chunks` programs per kv head."""
@@ -944,6 +968,8 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
         mpart = lpart = apart = out  # unused with one split
     counters = _counters(q.device, B * Hkv * chunks) if split and fold else out
     block_d = triton.next_power_of_2(D)
+    merge_h = 1 if cuda_cores else min(block_h, triton.next_power_of_2(group))  # the group's real heads
+    block_s = _merge_block(merge_h * (1 if cuda_cores else block_q), block_d)
     launch = _launch_pdl(q.device, use_pdl)
     if cuda_cores:
         _decode_mha_kernel[(B, Hq, num_splits)](
@@ -951,8 +977,8 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
             block_tables, cu_seqlens_q, seq_lens, scale * _LOG2E, num_splits, Hq,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             *_cache_strides(k_cache, v_cache), block_tables.stride(0), *scales,
-            D=D, PAGE=page, SPLIT=split, FOLD=fold, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps or 2,
-            **launch,
+            D=D, PAGE=page, SPLIT=split, FOLD=fold, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_S=block_s,
+            num_warps=num_warps or 2, **launch,
         )
     else:
         num_warps = num_warps or (2 if int8_decode else 4)
@@ -964,14 +990,14 @@ def _split_k(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale, o
             *_cache_strides(k_cache, v_cache), block_tables.stride(0), *scales,
             GROUP=group, CHUNKS=chunks, D=D, PAGE=page, IEEE=q.dtype == torch.float32,
             QUANT=(2 if pipe_codes else 1) if quant else 0, SPLIT=split, FOLD=fold, EARLY=early, BLOCK_H=block_h,
-            BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages or 2,
-            **launch,
+            BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d, MERGE_H=merge_h, BLOCK_S=block_s,
+            num_warps=num_warps, num_stages=num_stages or 2, **launch,
         )
     if split and not fold:
         if cuda_cores:  # one row per program
-            group = chunks = block_h = block_q = 1
+            group = chunks = block_h = block_q = merge_h = 1
         _merge_kernel[(B, Hq if cuda_cores else Hkv * chunks)](
             out, mpart, lpart, apart, cu_seqlens_q, seq_lens, num_splits, Hq, out.stride(0), out.stride(1),
             GROUP=group, CHUNKS=chunks, D=D, BLOCK_H=block_h, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
-            num_warps=4, **launch,
+            MERGE_H=merge_h, BLOCK_S=block_s, num_warps=4, **launch,
         )

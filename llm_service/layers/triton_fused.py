@@ -1,4 +1,5 @@
-"""Fused elementwise kernels of a decoder layer: residual add + RMSNorm, and SiLU * up.
+"""Fused elementwise kernels of a decoder layer: residual add + RMSNorm, SiLU * up, and the
+vocabulary shard's embedding lookup.
 
 In torch each of these is 3 to 8 small kernels; at decode batch sizes a launch costs more
 than the work, and a 7B step has 32 layers of them. Each kernel here is one launch and
@@ -65,6 +66,35 @@ if AVAILABLE:
         gate = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
         up = tl.load(x_ptr + row * stride_x + I + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _embedding_kernel(ids_ptr, w_ptr, out_ptr, start, rows, H, stride_w, stride_out,
+                          PDL: tl.constexpr, BLOCK: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < H
+        local = tl.load(ids_ptr + t) - start
+        mine = (local >= 0) & (local < rows)
+        x = tl.load(w_ptr + tl.where(mine, local, 0) * stride_w + cols, mask=ok & mine, other=0.0)
+        tl.store(out_ptr + t * stride_out + cols, x, mask=ok)
+
+
+def embedding(ids: torch.Tensor, weight: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Rows of `weight` [rows, H] for ids [T] offset by `start`, zero for ids outside start..start+rows
+    (a vocabulary shard): one launch where F.embedding with the shard's mask took ~7."""
+    T, (rows, H) = ids.shape[0], weight.shape
+    out = torch.empty((T, H), dtype=weight.dtype, device=weight.device)
+    if T == 0:
+        return out
+    if weight.stride(1) != 1:
+        raise ValueError("embedding needs rows contiguous along the hidden dimension")
+    block = min(1024, triton.next_power_of_2(H))
+    _embedding_kernel[(T, triton.cdiv(H, block))](ids, weight, out, start, rows, H, weight.stride(0), out.stride(0),
+                                                 BLOCK=block, num_warps=4, **pdl.launch(weight.device))
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -41,6 +41,7 @@ EPILOGUE_ROWS = 1
 
 
 if AVAILABLE:
+    from llm_service.distributed.ll_allreduce import send_partials
     from llm_service.layers.triton_attention import _cache_strides, _rotate
     from llm_service.layers.triton_fused import silu_mul
 
@@ -120,12 +121,15 @@ if AVAILABLE:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
-        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, ptrs_ptr, epoch_ptr, rank,
+        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SEND: tl.constexpr,
+        WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """y = x W^T (+ b). GATED: W (and b) stack [gate; up], N rows each, and y = silu(gate) * up
-        with gate and up first rounded to y's dtype, as silu_and_mul of the plain GEMV's output."""
+        with gate and up first rounded to y's dtype, as silu_and_mul of the plain GEMV's output.
+        SEND: y is a row-parallel layer's partial sums; its tile also goes to the other ranks as
+        the next ll all-reduce's packets (ll_allreduce.send_partials; y contiguous)."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,6 +142,9 @@ if AVAILABLE:
         rm_out = tl.arange(0, BLOCK_M)
         y_ptrs = y_ptr + rm_out[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(DT), mask=(rm_out[:, None] < M) & n_ok[None, :])
+        if SEND:
+            send_partials(acc.to(DT), rm_out, rn, M, N, ptrs_ptr, epoch_ptr, rank, WORLD, WORLD_P2, MAX_WORDS,
+                          BLOCK_M, BLOCK_N, DT == tl.bfloat16)
 
     @triton.jit
     def _qkv_rope_kernel(
@@ -239,20 +246,29 @@ def _rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gated: bool = False,
-         block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+         send=None, block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with M <= MAX_ROWS. gated: weight (and bias) stack
     [gate; up] and the result is silu(gate) * up [M, N / 2], the bits of
-    triton_fused.silu_and_mul(gemv(x, weight, bias)) in one launch. The keyword knobs exist for
+    triton_fused.silu_and_mul(gemv(x, weight, bias)) in one launch. send: an
+    ll_allreduce.LLAllReduce whose next call sums the result over the ranks; the kernel sends
+    this rank's packets itself, as its programs finish. The keyword knobs exist for
     bench/gemv.py's sweeps."""
     M, K = x.shape
     x = _rows(x, weight)
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     block_m, block_n, block_k, launch = _tiles(x, gated, block_n, block_k, num_warps, num_stages)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if send is not None:
+        if x.dtype == torch.bfloat16 and block_n % 2:
+            raise ValueError("gemv: sending bf16 partial sums needs an even block_n")
+        (ptrs, epoch, rank), consts = send.send_args()
+    else:
+        (ptrs, epoch, rank), consts = (y, y, 0), dict(WORLD=1, WORLD_P2=1, MAX_WORDS=1)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **launch,
+        ptrs, epoch, rank, HAS_BIAS=bias is not None, GATED=gated, SEND=send is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, **consts, **launch,
     )
     return y
 

@@ -49,6 +49,27 @@ def test_rms_norm_with_and_without_residual(dtype, hidden):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("start", [0, 48])
+def test_vocab_shard_embedding_equals_masked_lookup(dtype, start):
+    """A shard of 48 rows starting at `start`: ids inside give their rows, ids outside (below,
+    above, the padding past the vocabulary) give zeros, bit for bit what F.embedding with the
+    shard's mask gives; hidden 4096 (4 programs a token) and 96 (one, masked)."""
+    from llm_service.layers.triton_fused import embedding
+
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 5, 47, 48, 60, 95, 96, 200, 1], device="cuda")
+    for hidden in (4096, 96):
+        w = torch.randn(48, hidden, dtype=dtype, device="cuda")
+        local = ids - start
+        mine = (local >= 0) & (local < 48)
+        want = F.embedding(torch.where(mine, local, 0), w) * mine.unsqueeze(-1).to(dtype)
+        got = embedding(ids, w, start)
+        assert got.shape == (ids.shape[0], hidden)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert embedding(ids[:0], w, start).shape == (0, hidden)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter", [11008, 40])
 def test_silu_and_mul(dtype, inter):
     torch.manual_seed(0)
