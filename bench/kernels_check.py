@@ -475,7 +475,9 @@ def time_w13(res: dict) -> None:
     ref = decode_out(s, fold=False, use_pdl=False).float()
     for kn in (dict(fold=False, use_pdl=False), dict(fold=False, use_pdl=True), dict(fold=True, use_pdl=False),
                dict(fold=True, use_pdl=True), dict(fold=True, use_pdl=True, early=False)) + tuple(
-                   dict(fold=True, use_pdl=True, num_splits=n) for n in (4, 8, 32)):
+                   dict(fold=True, use_pdl=True, num_splits=n) for n in (4, 8, 32)) + tuple(
+                   dict(block_n=bn, num_splits=n, num_warps=w) for bn in (16, 32) for n in (16, 32, 64)
+                   for w in (2, 4)):
         attempt(f"{name} {kn}", lambda: row(name, s, ref, ta._split_k, 1, **kn))
     del s
     for n in (16, 32):

@@ -15,7 +15,10 @@ time per step. Under PDL (layers/pdl.py) a kernel starts before its predecessor 
 waits inside, so per-kernel times overlap and sum past the busy time.
 
 `half-no-attention` or `tp1-no-norms` time a config with that part patched out of the forward:
-the difference to the whole config is the part's share of the critical path.
+the difference to the whole config is the part's share of the critical path. `half@2048:8.2048.8.1`
+times it with other one-row GEMV tiles for the projections of that K (rows a program, K slice,
+warps, stages; `+` joins several): in the model, where PDL overlaps each GEMV's first slice with
+the kernel before it, the best tiles need not be bench/gemv.py's.
 
     python bench/tp_decode.py [--configs tp1,half,tp2,half-no-attention] [--prompt 640] [--steps 256]
 """
@@ -114,7 +117,22 @@ def profiled(engine: LLMEngine, steps: int, out: Path, name: str) -> dict:
         by_name[e["name"]].append(e["dur"])
     kernels = sorted(((sum(d) / steps, len(d) / steps, sum(d) / len(d), n) for n, d in by_name.items()), reverse=True)
     return {"busy_us": busy / steps, "span_us": span / steps,
-            "kernels": [{"us_per_step": t, "per_step": c, "mean_us": m, "name": n[:90]} for t, c, m, n in kernels[:25]]}
+            "kernels": [{"us_per_step": t, "per_step": c, "mean_us": m, "name": n[:90]} for t, c, m, n in kernels[:25]],
+            "boundary": boundary(events, steps)}
+
+
+def boundary(events: list[dict], steps: int) -> list[tuple]:
+    """The kernels from the last layer's attention of a middle step to the second layer's of the
+    next: (start us from the first, duration us, name), where the steps meet (sampling, the step's
+    inputs, the broadcasts, the first layer)."""
+    attn = [i for i, e in enumerate(events) if "split_kernel" in e["name"] or "decode_mha" in e["name"]]
+    per_step = len(attn) // steps
+    if per_step < 2:
+        return []
+    mid = steps // 2
+    lo, hi = attn[mid * per_step - 1], attn[mid * per_step + 1]
+    t0 = events[lo]["ts"]
+    return [(round(e["ts"] - t0, 1), round(e["dur"], 1), e["name"][:60]) for e in events[lo: hi + 1]]
 
 
 def _without(part: str):
@@ -124,7 +142,7 @@ def _without(part: str):
     from llm_service.layers.norm import RMSNorm
 
     if part == "attention":  # the output is q itself: o_proj reads [T, heads * head_dim] as before
-        cls, attr, patched = Attention, "attend", lambda self, q, meta: q
+        cls, attr, patched = Attention, "attend", lambda self, q, meta, *rest: q
     elif part == "norms":  # no residual add, no norm: the sublayer's output goes straight on
         cls, attr, patched = RMSNorm, "forward", lambda self, x, residual=None, reduce=False: (
             x if residual is None else (x, residual))
@@ -135,11 +153,27 @@ def _without(part: str):
     return lambda: setattr(cls, attr, original)
 
 
+def _with_tiles(spec: str):
+    """Patch triton_gemv.one_row_tiles (one process only): `K:rows.slice.warps.stages`, several
+    joined by `+`, each for the projections of that K. Returns the undo."""
+    from llm_service.layers import triton_gemv
+
+    tiles = {}
+    for part in spec.split("+"):
+        k, _, knobs = part.partition(":")
+        tiles[int(k)] = tuple(int(v) for v in knobs.split("."))
+    original = triton_gemv.one_row_tiles
+    triton_gemv.one_row_tiles = lambda K: tiles.get(K) or original(K)
+    return lambda: setattr(triton_gemv, "one_row_tiles", original)
+
+
 def run_config(name: str, args, root: Path) -> dict:
-    """`name`: a SHAPES key, optionally with `-no-<part>` (see `_without`) for tp1 and half."""
-    base, _, part = name.partition("-no-")
+    """`name`: a SHAPES key, optionally with `-no-<part>` (see `_without`) or `@<tiles>` (see
+    `_with_tiles`) for tp1 and half."""
+    name_parts, _, tiles = name.partition("@")
+    base, _, part = name_parts.partition("-no-")
     heads, mlp, vocab, tp = SHAPES[base]
-    undo = _without(part) if part else None
+    undo = _without(part) if part else _with_tiles(tiles) if tiles else None
     try:
         return _run(heads, mlp, vocab, tp, args, root, name)
     finally:
@@ -181,6 +215,8 @@ def report(results: dict) -> str:
     for name, r in results.items():
         lines += ["", f"{name}: kernels, us per step (count per step, mean us)"]
         lines += [f"  {k['us_per_step']:8.1f}  ({k['per_step']:5.1f} x {k['mean_us']:6.2f})  {k['name']}" for k in r["kernels"]]
+        lines += ["", f"{name}: where two steps meet (start us, duration us, kernel)"]
+        lines += [f"  {t:8.1f} {d:7.1f}  {n}" for t, d, n in r["boundary"]]
     return "\n".join(lines)
 
 
