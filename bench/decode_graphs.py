@@ -21,18 +21,20 @@ from llm_service.engine.sampling_params import SamplingParams
 from llm_service.engine.sequence import Sequence
 
 
-def build(path: Path, layers: int, vocab: int) -> Path:
-    """Llama-2-7B shapes with `layers` layers, N(0, 0.02) weights, initialised on the GPU."""
+def build(path: Path, layers: int, vocab: int, heads: int = 32, mlp: int = 11008) -> Path:
+    """Llama-2-7B shapes (hidden 4096, head_dim 128) with `layers` layers, N(0, 0.02) weights,
+    initialised on the GPU (the CPU without one), saved once; tp_decode.py passes one tp=2
+    rank's heads and MLP width."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (path / "config.json").exists():
         return path
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                      bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=mlp, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, head_dim=128,
+                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(path)

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from decode_graphs import build  # noqa: E402  (this script's folder is on sys.path)
 from llm_service.config import PytorchEngineConfig  # noqa: E402
 from llm_service.engine.llm_engine import LLMEngine  # noqa: E402
 from llm_service.engine.sampling_params import SamplingParams  # noqa: E402
@@ -48,28 +49,6 @@ SHAPES = {  # name: (heads, MLP width, vocab, tp)
     "half": (16, 5504, VOCAB // 2, 1),
     "tp2": (32, 11008, VOCAB, 2),
 }
-
-
-def build(root: Path, heads: int, mlp: int, vocab: int, layers: int) -> Path:
-    """A Llama with head_dim 128 and hidden 4096, N(0, 0.02) weights, made on the GPU, saved once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = root / f"h{heads}_m{mlp}_v{vocab}_l{layers}"
-    if (path / "config.json").exists():
-        return path
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=4096, intermediate_size=mlp, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, head_dim=128,
-                      max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    model.save_pretrained(path)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return path
 
 
 def start(engine: LLMEngine, prompt: int, vocab: int, tokens: int) -> Sequence:
@@ -182,7 +161,7 @@ def run_config(name: str, args, root: Path) -> dict:
 
 
 def _run(heads: int, mlp: int, vocab: int, tp: int, args, root: Path, name: str) -> dict:
-    path = build(root, heads, mlp, vocab, args.layers)
+    path = build(root / f"h{heads}_m{mlp}_v{vocab}_l{args.layers}", args.layers, vocab, heads, mlp)
     config = PytorchEngineConfig(tp=tp, session_len=args.prompt + args.steps + args.profile_steps + 64,
                                  max_batch_size=8, max_prefill_token_num=1024, cache_max_entry_count=0.2)
     engine = LLMEngine(str(path), config)

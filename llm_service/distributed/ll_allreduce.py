@@ -173,17 +173,27 @@ if AVAILABLE:
         _send(words, offs, mask, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
 
     @triton.jit
-    def _ll_all_reduce(x_ptr, n_words, ptrs_ptr, epoch_ptr, done_ptr, rank,
-                       WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
-                       IS_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    def _flat_call(x_ptr, n_words, ptrs_ptr, epoch_ptr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr,
+                   BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """The start of a call over x's words, BLOCK a program (the plain all-reduce and the
+        gather): the buffers' addresses, the PDL hand-over and wait (module docstring, "PDL"), the
+        call's number, half and flag, and this program's words. Returns (table, call, half, flag,
+        offs, mask, words)."""
         table = _table(ptrs_ptr, WORLD, WORLD_P2)
-        if PDL:  # see the module docstring, "PDL"
+        if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         call, half, flag = _call_flag(epoch_ptr)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n_words
-        words = tl.load(x_ptr + offs, mask=mask, other=0)
+        return table, call, half, flag, offs, mask, tl.load(x_ptr + offs, mask=mask, other=0)
+
+    @triton.jit
+    def _ll_all_reduce(x_ptr, n_words, ptrs_ptr, epoch_ptr, done_ptr, rank,
+                       WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
+                       IS_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+        table, call, half, flag, offs, mask, words = _flat_call(x_ptr, n_words, ptrs_ptr, epoch_ptr, WORLD,
+                                                                WORLD_P2, BLOCK, PDL)
         acc = _exchange(words, offs, mask, table, half, flag, rank, True, WORLD, WORLD_P2, MAX_WORDS, BLOCK,
                         IS_BF16, ASM)
         tl.store(x_ptr + offs, acc, mask=mask)
@@ -194,14 +204,8 @@ if AVAILABLE:
                        WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
         """out [rows, WORLD * row_words] = every rank's x [rows, row_words] side by side, in rank order."""
-        table = _table(ptrs_ptr, WORLD, WORLD_P2)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        call, half, flag = _call_flag(epoch_ptr)
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n_words
-        words = tl.load(x_ptr + offs, mask=mask, other=0)
+        table, call, half, flag, offs, mask, words = _flat_call(x_ptr, n_words, ptrs_ptr, epoch_ptr, WORLD,
+                                                                WORLD_P2, BLOCK, PDL)
         _send(words, offs, mask, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
         dst = out_ptr + (offs // row_words) * (WORLD * row_words) + offs % row_words
         for p in tl.static_range(WORLD):
@@ -291,10 +295,12 @@ class LLAllReduce:
         if self.pending is not None:  # its call would be taken by another: the ranks' calls go out of step
             raise RuntimeError("ll all-reduce: a GEMV sent partial sums that no reduce_rms_norm_ has taken")
 
+    def _fits_size(self, nbytes: int, dtype: torch.dtype) -> bool:
+        return dtype in (torch.bfloat16, torch.float32) and 0 < nbytes <= self.max_bytes and nbytes % 16 == 0
+
     def fits(self, x: torch.Tensor) -> bool:
-        nbytes = x.numel() * x.element_size()
-        return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and 0 < nbytes <= self.max_bytes
-                and nbytes % 16 == 0 and x.is_contiguous() and x.storage_offset() * x.element_size() % 16 == 0)
+        return (x.is_cuda and self._fits_size(x.numel() * x.element_size(), x.dtype) and x.is_contiguous()
+                and x.storage_offset() * x.element_size() % 16 == 0)
 
     def reduce_(self, x: torch.Tensor) -> torch.Tensor:
         self._no_pending()
@@ -323,14 +329,15 @@ class LLAllReduce:
     def fits_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
         """Whether `reduce_rms_norm_` takes [rows, hidden] x: few rows (one program each, all
         resident), each a whole number of words, x and residual alike."""
-        return (self.fits_norm_rows(*x.shape, x.dtype) and self.fits(x) and residual.shape == x.shape
+        return (self.fits(x) and self._norm_rows(*x.shape, x.dtype) and residual.shape == x.shape
                 and residual.dtype == x.dtype and residual.is_contiguous())
+
+    def _norm_rows(self, rows: int, hidden: int, dtype: torch.dtype) -> bool:
+        return 0 < rows <= MAX_NORM_ROWS and hidden * dtype.itemsize <= NORM_ROW_BYTES
 
     def fits_norm_rows(self, rows: int, hidden: int, dtype: torch.dtype) -> bool:
         """The shape part of `fits_rms_norm`: what a GEMV may send partial sums for."""
-        nbytes = rows * hidden * dtype.itemsize
-        return (dtype in (torch.bfloat16, torch.float32) and 0 < rows <= MAX_NORM_ROWS
-                and hidden * dtype.itemsize <= NORM_ROW_BYTES and nbytes <= self.max_bytes and nbytes % 16 == 0)
+        return self._norm_rows(rows, hidden, dtype) and self._fits_size(rows * hidden * dtype.itemsize, dtype)
 
     def send_args(self) -> tuple[tuple, dict]:
         """What triton_gemv.gemv(..., send=self) passes its kernel for `send_partials`."""
