@@ -142,6 +142,8 @@ def check(rank: int, device) -> list:
     if fast.ll is not None:
         _check_norm(c, fast, rank, device)
         _check_gather(c, fast, rank, device)
+        _check_greedy(c, fast, rank, device)
+        _check_embedding_norm(c, fast, rank, device)
         _check_pdl_chain(c, fast, rank, device)
     torch.cuda.synchronize()
     return c.results
@@ -182,6 +184,64 @@ def _check_gather(c: Checks, fast, rank: int, device) -> None:
         graph.replay()
         c.exact(f"gather in a graph, replay {trial}", outs[0], _nccl_gather(inputs[0]))
         c.exact(f"gather in a graph after a fused norm, replay {trial}", outs[2], _nccl_gather(inputs[0] * 2))
+
+
+def _check_greedy(c: Checks, fast, rank: int, device) -> None:
+    """greedy.argmax over the ranks' vocab shards against torch.argmax of NCCL's gather: ties
+    within a shard and across the ranks (the lower index wins), 1 .. MAX_PROGRAMS rows, bf16 and
+    fp32, the same ids on every rank; eagerly, and replayed from a graph in which it shares the
+    call counter with a fused norm and a gather."""
+    from llm_service.distributed import greedy
+
+    shard = 16016
+    for dtype in DTYPES:
+        for rows in (1, 3, 8, greedy.MAX_PROGRAMS):
+            x = _inputs((rows, shard), dtype, rank, 110 + rows, device)
+            x[0, 100] = x[0, 9000] = 30.0  # on every rank: a tie within each shard and across the ranks
+            if rows > 1:
+                x[1, 5] = 31.0 + rank  # the higher rank's larger
+            want = _nccl_gather(x).float().argmax(-1)
+            c.record(f"greedy {rows}x{shard} per rank {dtype}: fits", greedy.fits(rows, fast.ll))
+            got = greedy.argmax(x, rank * shard, shard, fast.ll)
+            c.exact_as(f"greedy {rows}x{shard} per rank {dtype} == argmax of the gathered logits", got, want)
+    statics = [torch.zeros(2, shard, dtype=torch.bfloat16, device=device),
+               torch.zeros(1, 4096, dtype=torch.bfloat16, device=device)]
+    res = torch.zeros(1, 4096, dtype=torch.bfloat16, device=device)
+    w = _inputs((4096,), torch.bfloat16, 0, 120, device) * 0.1 + 1
+    outs = []
+    graph = _capture(lambda: outs.extend([fast.ll.reduce_rms_norm_(statics[1], res, w, EPS),
+                                          greedy.argmax(statics[0], rank * shard, shard, fast.ll),
+                                          fast.ll.all_gather_last_dim(statics[0])]))
+    for trial in range(2):
+        x = _inputs(statics[0].shape, torch.bfloat16, rank, 121 + trial, device)
+        statics[0].copy_(x)
+        statics[1].copy_(_inputs((1, 4096), torch.bfloat16, rank, 123 + trial, device))
+        graph.replay()
+        c.exact_as(f"greedy in a graph, replay {trial} == argmax of the gathered logits", outs[1],
+                   _nccl_gather(x).float().argmax(-1))
+        c.exact(f"gather after greedy in a graph, replay {trial}", outs[2], _nccl_gather(x))
+
+
+def _check_embedding_norm(c: Checks, fast, rank: int, device) -> None:
+    """The vocab shard's embedding sending its rows, and the first norm summing them without a
+    residual (the sum stored into x), against NCCL's sum + the norm kernel: the sum bit for bit,
+    the output within a bf16 rounding, the same bits on every rank."""
+    from llm_service.layers.triton_fused import embedding
+
+    for dtype in DTYPES:
+        for rows in (1, 8):
+            weight = _inputs((500, 4096), dtype, rank, 130, device)
+            ids = torch.arange(rows, device=device) * 97 % 1000  # ids of both shards
+            w = _inputs((4096,), dtype, 0, 131, device) * 0.1 + 1
+            want_x = _nccl(embedding(ids, weight, rank * 500))
+            want = rms_norm(want_x, w, EPS)
+            x = embedding(ids, weight, rank * 500, send=fast.ll)
+            fast.ll.pending = x
+            got = fast.ll.reduce_rms_norm_(x, None, w, EPS)
+            name = f"embedding sent, norm without residual {rows}x4096 {dtype}"
+            c.exact(f"{name}: the summed rows", x, want_x)
+            c.record(f"{name}: output ~ NCCL + norm", torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2))
+            c.record(f"{name}: same bits on every rank", _same_on_all_ranks(got))
 
 
 def _check_pdl_chain(c: Checks, fast, rank: int, device) -> None:

@@ -60,7 +60,9 @@ from gateway.tiny_checkpoints import build_tiny_llava
 from gateway.vl.constants import IMAGE_TOKEN
 from llm_service.config import EngineConfig
 from llm_service.engine import llm_engine
+from llm_service.distributed.step import PackedStep
 from llm_service.engine.async_engine import AsyncLLMEngine
+from llm_service.engine.model_runner import StepLogits
 from llm_service.engine.sampling_params import SamplingParams
 from llm_service.engine.sequence import Sequence
 from vision_service.config import VisionConfig
@@ -160,8 +162,9 @@ class SimulatedDevice:
         self.logits = torch.randn(engine.max_batch_size, engine.spec.args.vocab_size)
         engine.runner.forward = self.forward
 
-    def forward(self, step) -> torch.Tensor:
-        if self.launches and step.input_ids.shape[0] > step.logits_rows.shape[0]:
+    def forward(self, step: PackedStep) -> StepLogits:
+        tokens, logits_rows = step.header[1], step.header[4]
+        if self.launches and tokens > logits_rows:
             for _ in range(self.launches):
                 until = time.perf_counter() + self.launch_s
                 while time.perf_counter() < until:
@@ -170,7 +173,7 @@ class SimulatedDevice:
         t0 = time.perf_counter()
         time.sleep(self.ms / 1e3)
         self.slept += time.perf_counter() - t0
-        return self.logits[: step.logits_rows.shape[0]]
+        return StepLogits(self.logits[:logits_rows], None)
 
 
 async def _pipeline_decode(service: ChatService, llm: AsyncLLMEngine, device: SimulatedDevice, bs: int,

@@ -181,10 +181,10 @@ def test_scheduler_puts_decodes_first_and_the_step_counts_them():
     assert [(item.seq, item.num_tokens) for item in batch] == [(first, 1), (one, 1), (long_seq, 4)]
     cu = [0, 1, 2, 6]
     step = PackedStep.build([0] * 6, list(range(6)), list(range(6)), [[0], [1], [2]], cu, [11, 3, 4], [0, 1, 5],
-                            [], None, torch.device("cpu"))
+                            [], None, True, torch.device("cpu"))
     assert step.unpack().meta.num_decodes == 2 and step.unpack().meta.max_q_len == 4
     chunk_first = PackedStep.build([0] * 5, list(range(5)), list(range(5)), [[0], [1]], [0, 4, 5], [4, 8], [4],
-                                   [], None, torch.device("cpu"))
+                                   [], None, True, torch.device("cpu"))
     assert chunk_first.unpack().meta.num_decodes == 0
 
 

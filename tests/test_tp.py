@@ -121,10 +121,10 @@ def test_step_header_travels_on_the_host_and_the_rest_is_only_queued(monkeypatch
 
     hidden = 4
     decode = steps.PackedStep.build([5, 6], [3, 7], [3, 23], [[0], [1]], [0, 1, 2], [4, 8], [0, 1], [], None,
-                                    torch.device("cpu"))
+                                    False, torch.device("cpu"))
     rows = torch.randn(2, hidden)
     prefill = steps.PackedStep.build([1, 2, 3], [0, 1, 2], [0, 1, 2], [[0]], [0, 3], [3], [2], [0, 1], rows,
-                                     torch.device("cpu"))
+                                     True, torch.device("cpu"))
     monkeypatch.setattr(steps, "dist", type("FakeDist", (), {"broadcast": staticmethod(send)}))
     steps.send_control(steps.PING)
     steps.send_step(decode)
@@ -137,7 +137,7 @@ def test_step_header_travels_on_the_host_and_the_rest_is_only_queued(monkeypatch
     meta = torch.device("meta")
     for sent in (decode, prefill):
         got = steps.recv_step(meta, rows.dtype, hidden)
-        assert got.header == sent.header and got.ints.is_meta
+        assert got.header == sent.header and got.ints.is_meta and got.need_logits == sent.need_logits
         inputs = got.unpack()  # views and casts only
         assert inputs.input_ids.shape == sent.unpack().input_ids.shape
         assert inputs.meta.num_decodes == sent.unpack().meta.num_decodes

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from llm_service.distributed import symm_allreduce
+from llm_service.distributed import greedy, symm_allreduce
 
 
 @dataclass
@@ -106,11 +106,12 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                         eps: float) -> torch.Tensor | None:
-    """all_reduce(x), residual += x, RMSNorm(residual) * weight as one kernel, when the
-    barrier-free path (PRISM_ALLREDUCE=ll) is set up and x is a decode-sized [rows, hidden];
-    None otherwise (the caller does the three steps). Same answer on every rank."""
+    """all_reduce(x), residual += x, RMSNorm(residual) * weight as one kernel (without a residual:
+    RMSNorm(x) of the summed x), when the barrier-free path (PRISM_ALLREDUCE=ll) is set up and x
+    is a decode-sized [rows, hidden]; None otherwise (the caller does the steps). Same answer on
+    every rank."""
     fast = _TP.fast
     if _TP.size == 1 or fast is None or fast.ll is None or not fast.ll.fits_rms_norm(x, residual):
         return None
@@ -119,8 +120,9 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 
 def partial_sender(rows: int, hidden: int, dtype: torch.dtype):
     """The ll all-reduce (an ll_allreduce.LLAllReduce) when the next norm will sum a row-parallel
-    layer's [rows, hidden] partial sums through it (`all_reduce_rms_norm`), so that the GEMV
-    making them can send them itself (triton_gemv.gemv's `send`); None otherwise."""
+    layer's (or the vocab shard embedding's) [rows, hidden] partial sums through it
+    (`all_reduce_rms_norm`), so that the kernel making them can send them itself
+    (triton_gemv.gemv's and triton_fused.embedding's `send`); None otherwise."""
     fast = _TP.fast
     if _TP.size == 1 or fast is None or fast.ll is None or not fast.ll.fits_norm_rows(rows, hidden, dtype):
         return None
@@ -137,3 +139,24 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
+
+
+def _greedy_exchange():
+    """The ll all-reduce that greedy.argmax trades through under tensor parallelism; None alone."""
+    return None if _TP.size == 1 or _TP.fast is None else _TP.fast.ll
+
+
+def can_pick_greedy(rows: int, device: torch.device) -> bool:
+    """Whether `greedy_ids` takes `rows` rows of vocab-parallel logits on `device`: CUDA with
+    Triton and, under tensor parallelism, the ll all-reduce set up and the rows within it."""
+    if device.type != "cuda":
+        return False
+    ll = _greedy_exchange()
+    return (_TP.size == 1 or ll is not None) and greedy.fits(rows, ll)
+
+
+def greedy_ids(shard: torch.Tensor, start: int, valid: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's argmax over the whole vocabulary (int64), from this rank's shard of the logits
+    (columns start..start+valid of it real) and every other rank's (greedy.py), where
+    `can_pick_greedy`; the same ids on every rank."""
+    return greedy.argmax(shard, start, valid, _greedy_exchange(), out)

@@ -149,21 +149,22 @@ if AVAILABLE:
                 tl.store(done_ptr, 0)
 
     @triton.jit
-    def send_partials(y, rows, cols, M, N, ptrs_ptr, epoch_ptr, rank,
+    def send_partials(y, rows, cols, col_block, M, N, ptrs_ptr, epoch_ptr, rank,
                       WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_BF16: tl.constexpr):
-        """A row-parallel GEMV's epilogue: its tile y [BLOCK_M, BLOCK_N] of the partial sums [M, N]
-        (rows `rows`, columns `cols` = the program's BLOCK_N from an even first one, already in
-        the model dtype) sent as the packets of the next call, which `_ll_all_reduce_rms_norm`
-        with SEND False then only receives. Called after the GEMV's PDL wait: the previous call
-        has finished, so its counter is final and this call's half is free (module docstring)."""
+        """A row-parallel GEMV's epilogue (or the vocab shard's embedding's): its tile y
+        [BLOCK_M, BLOCK_N] of the partial sums [M, N] (rows `rows`, columns `cols` = the
+        col_block-th BLOCK_N, already in the model dtype) sent as the packets of the next call,
+        which `_ll_all_reduce_rms_norm` with SEND False then only receives. Called after the
+        kernel's PDL wait: the previous call has finished, so its counter is final and this
+        call's half is free (module docstring)."""
         call, half, flag = _call_flag(epoch_ptr)
         table = _table(ptrs_ptr, WORLD, WORLD_P2)
         if IS_BF16:  # column pairs (2j, 2j + 1) into word j
             bits = y.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             lo, hi = tl.split(tl.reshape(bits, [BLOCK_M, BLOCK_N // 2, 2]))
             words = lo | (hi << 16)
-            wcol = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            wcol = col_block * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
             offs = rows[:, None] * (N // 2) + wcol[None, :]
             mask = (rows[:, None] < M) & (2 * wcol < N)[None, :]
         else:
@@ -239,12 +240,13 @@ if AVAILABLE:
 
     @triton.jit
     def _ll_all_reduce_rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, row_words, hidden, eps,
-                                ptrs_ptr, epoch_ptr, done_ptr, rank, SEND: tl.constexpr,
+                                ptrs_ptr, epoch_ptr, done_ptr, rank, SEND: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                                 WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr,
                                 BLOCK: tl.constexpr, IS_BF16: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
         """One row a program: x summed over the ranks, then residual += x and out = RMSNorm(residual),
-        rounding where triton_fused._rms_norm_kernel does. All four tensors are contiguous rows of
-        `row_words` 4-byte words; fp32 rows use only the low lane. SEND False: the GEMV that made
+        rounding where triton_fused._rms_norm_kernel does; without HAS_RESIDUAL the sum itself is
+        normalised and stored into x (res_ptr is x_ptr). All four tensors are contiguous rows of
+        `row_words` 4-byte words; fp32 rows use only the low lane. SEND False: the kernel that made
         x has sent its packets (`send_partials`)."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
@@ -257,11 +259,13 @@ if AVAILABLE:
         call, half, flag = _call_flag(epoch_ptr)
         offs = tl.program_id(0) * row_words + cols
         words = tl.load(x_ptr + offs, mask=mask, other=0)
-        r_lo, r_hi = _lanes(tl.load(res_ptr + offs, mask=mask, other=0), IS_BF16)  # in flight while waiting
+        if HAS_RESIDUAL:
+            r_lo, r_hi = _lanes(tl.load(res_ptr + offs, mask=mask, other=0), IS_BF16)  # in flight while waiting
         acc = _exchange(words, offs, mask, table, half, flag, rank, SEND, WORLD, WORLD_P2, MAX_WORDS, BLOCK,
                         IS_BF16, ASM)
-        a_lo, a_hi = _lanes(acc, IS_BF16)
-        s_lo, s_hi = _round(a_lo + r_lo, IS_BF16), _round(a_hi + r_hi, IS_BF16)
+        s_lo, s_hi = _lanes(acc, IS_BF16)
+        if HAS_RESIDUAL:
+            s_lo, s_hi = _round(s_lo + r_lo, IS_BF16), _round(s_hi + r_hi, IS_BF16)
         tl.store(res_ptr + offs, _pack(s_lo, s_hi, IS_BF16), mask=mask)
         squares = s_lo * s_lo
         if IS_BF16:
@@ -326,11 +330,12 @@ class LLAllReduce:
             self.done, self.rank, BLOCK=BLOCK, num_warps=4, **self._consts(), **pdl.launch(x.device))
         return out
 
-    def fits_rms_norm(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+    def fits_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         """Whether `reduce_rms_norm_` takes [rows, hidden] x: few rows (one program each, all
-        resident), each a whole number of words, x and residual alike."""
-        return (self.fits(x) and self._norm_rows(*x.shape, x.dtype) and residual.shape == x.shape
-                and residual.dtype == x.dtype and residual.is_contiguous())
+        resident), each a whole number of words, x and residual (if any) alike."""
+        return (self.fits(x) and self._norm_rows(*x.shape, x.dtype)
+                and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype
+                                          and residual.is_contiguous())))
 
     def _norm_rows(self, rows: int, hidden: int, dtype: torch.dtype) -> bool:
         return 0 < rows <= MAX_NORM_ROWS and hidden * dtype.itemsize <= NORM_ROW_BYTES
@@ -339,15 +344,22 @@ class LLAllReduce:
         """The shape part of `fits_rms_norm`: what a GEMV may send partial sums for."""
         return self._norm_rows(rows, hidden, dtype) and self._fits_size(rows * hidden * dtype.itemsize, dtype)
 
+    def exchange_args(self) -> tuple[tuple, dict]:
+        """What a kernel of another module that makes an ll call of its own passes for it
+        (greedy.argmax): the buffers, the call counter, the finished programs' count, the rank."""
+        self._no_pending()
+        return (self.ptrs, self.epoch, self.done, self.rank), self._consts()
+
     def send_args(self) -> tuple[tuple, dict]:
         """What triton_gemv.gemv(..., send=self) passes its kernel for `send_partials`."""
         return (self.ptrs, self.epoch, self.rank), self._consts()
 
-    def reduce_rms_norm_(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+    def reduce_rms_norm_(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                          eps: float) -> torch.Tensor:
         """x summed over the ranks, then residual += x in place; returns RMSNorm(residual) * weight
-        (x must `fits_rms_norm`). One launch instead of an all-reduce and a norm. When x is
-        `pending` its GEMV has sent the packets, and this call only receives."""
+        (x must `fits_rms_norm`). Without a residual x itself becomes the sum, which is normalised.
+        One launch instead of an all-reduce and a norm. When x is `pending` the kernel that made
+        it has sent the packets, and this call only receives."""
         sent = self.pending is x
         if not sent:
             self._no_pending()
@@ -356,8 +368,9 @@ class LLAllReduce:
         row_words = hidden * x.element_size() // 4
         out = torch.empty_like(x)
         _ll_all_reduce_rms_norm[(rows,)](
-            x.view(torch.int32), residual.view(torch.int32), weight.view(torch.int32), out.view(torch.int32),
-            row_words, hidden, eps, self.ptrs, self.epoch, self.done, self.rank, SEND=not sent,
+            x.view(torch.int32), (x if residual is None else residual).view(torch.int32), weight.view(torch.int32),
+            out.view(torch.int32), row_words, hidden, eps, self.ptrs, self.epoch, self.done, self.rank,
+            SEND=not sent, HAS_RESIDUAL=residual is not None,
             BLOCK=triton.next_power_of_2(row_words), IS_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_warps=8,
             **self._consts(), **pdl.launch(x.device))
         return out

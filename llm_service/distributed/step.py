@@ -64,7 +64,7 @@ import torch.distributed as dist
 from llm_service.distributed import control_group
 from llm_service.layers.attention import AttentionMetadata
 
-HEADER_LEN = 9
+HEADER_LEN = 10
 STEP, SHUTDOWN, PING = 1, 2, 3  # header[0]: what the workers are to do
 
 
@@ -83,11 +83,15 @@ class StepInputs:
 @dataclass
 class PackedStep:
     """header = [kind, tokens, seqs, table width, logits rows, image rows, max_q_len, num_decodes,
-    len(ints)]."""
+    need_logits, len(ints)]. need_logits: whether rank 0 samples from the whole logits (or returns
+    them), which a decode graph that picks greedy ids gathers only then, on every rank."""
 
     header: list[int]  # on the host: it travels on the control group
     ints: torch.Tensor  # int64: ids, positions, slots, block tables, cu_seqlens, seq_lens, logits rows, image index
     image_rows: torch.Tensor | None = None
+    # rank 0 alone (tp=1): the step's ids on the device (a running-ahead decode's, the previous
+    # step's samples), read from there instead of from `ints`, which holds placeholders for them
+    ids_from: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -101,6 +105,7 @@ class PackedStep:
         logits_rows: list[int],
         image_index: list[int],
         image_rows: torch.Tensor | None,
+        need_logits: bool,
         device: torch.device,
     ) -> "PackedStep":
         width = len(tables[0])
@@ -111,14 +116,25 @@ class PackedStep:
         max_q_len = max(q_lens)
         num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
         n_rows = 0 if image_rows is None else image_rows.shape[0]
-        header = [STEP, len(ids), len(seq_lens), width, len(logits_rows), n_rows, max_q_len, num_decodes, len(flat)]
+        header = [STEP, len(ids), len(seq_lens), width, len(logits_rows), n_rows, max_q_len, num_decodes,
+                  int(need_logits), len(flat)]
         ints = _on_device(torch.frombuffer(array("q", flat), dtype=torch.int64), device)  # one copy
         return cls(header, ints, image_rows)
 
+    @property
+    def need_logits(self) -> bool:
+        return bool(self.header[8])
+
+    def sizes(self) -> list[int]:
+        """The lengths of the sections of `ints`, in order (see its comment)."""
+        _, t, b, width, n_logits, n_rows = self.header[:6]
+        return [t, t, t, b * width, b + 1, b, n_logits, n_rows]
+
     def unpack(self) -> StepInputs:
-        _, t, b, width, n_logits, n_rows, max_q_len, num_decodes, _ = self.header
-        sizes = [t, t, t, b * width, b + 1, b, n_logits, n_rows]
-        ids, positions, slots, tables, cu, lens, logits_rows, index = self.ints.split(sizes)
+        _, t, b, width, n_logits, n_rows, max_q_len, num_decodes = self.header[:8]
+        ids, positions, slots, tables, cu, lens, logits_rows, index = self.ints.split(self.sizes())
+        if self.ids_from is not None:
+            ids = self.ids_from
         meta = AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables.view(b, width).to(torch.int32),

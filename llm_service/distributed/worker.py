@@ -60,7 +60,7 @@ def run_worker(args: WorkerArgs) -> None:
     runner = ModelRunner(spec, args.engine_config(), dtype, device, args.session_len, args.max_batch_size)
     freeze_startup_heap()  # a full collection here would stall every rank's step
     while (step := recv_step(device, dtype, spec.args.hidden_size)) is not None:
-        runner.forward(step.unpack())
+        runner.forward(step)
     runner.drop_graphs()  # graphs holding collectives would block the communicators' teardown
     stop_group()  # waits for this GPU's queued work; rank 0 leaves at the same time (launcher.stop)
     sys.stdout.flush()

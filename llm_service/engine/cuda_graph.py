@@ -14,13 +14,23 @@ replays its own graph of the same size and the collectives (NCCL) are part of th
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 
 import torch
 
+from llm_service.distributed.step import STEP, PackedStep
+
 from llm_service.layers.attention import AttentionMetadata
 from llm_service.models.llama import LlamaForCausalLM
 from vision_service.graphs import capture_graphs, eager_requested, pick_batch_size
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 
 def graph_batch_sizes(max_batch_size: int) -> list[int]:
@@ -40,7 +50,7 @@ def graphs_enabled(device: torch.device, uses_kernels: bool, eager_mode: bool) -
 
 @dataclass
 class _Buffers:
-    """Static inputs and output at the largest size; a graph of size bs uses rows [:bs]."""
+    """Static inputs and outputs at the largest size; a graph of size bs uses rows [:bs]."""
 
     ids: torch.Tensor  # int64 [N]
     positions: torch.Tensor  # int64 [N]
@@ -48,7 +58,8 @@ class _Buffers:
     block_tables: torch.Tensor  # int32 [N, max_blocks]
     cu_seqlens_q: torch.Tensor  # int32 [N + 1], always 0..N (every q_len is 1)
     seq_lens: torch.Tensor  # int32 [N]
-    logits: torch.Tensor  # float32 [N, vocab]
+    shard_logits: torch.Tensor  # [N, vocab shard] in the model dtype: the LM head's, this rank's columns
+    greedy: torch.Tensor  # int64 [N]: each row's argmax over the whole vocabulary, where the size picks it
 
     def meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -59,19 +70,68 @@ class _Buffers:
             max_q_len=1,
         )
 
+    def fill(self, step: PackedStep, bs: int) -> None:
+        """The inputs of a graph of size bs from a decode step's packed ints, in one kernel where
+        unpacking them and copying each in took ten: rows past the step's are padding."""
+        n, width = step.header[1], step.header[3]
+        starts = list(itertools.accumulate(step.sizes(), initial=0))  # ids, positions, slots, tables, cu, lens
+        ids_from = step.ids_from
+        _decode_inputs_kernel[(bs,)](
+            step.ints, step.ints if ids_from is None else ids_from, self.ids, self.positions, self.slot_mapping,
+            self.seq_lens, self.block_tables, n, width, starts[1], starts[2], starts[3], starts[5],
+            self.block_tables.stride(0), IDS_FROM=ids_from is not None,
+            BLOCK=min(1024, triton.next_power_of_2(self.block_tables.shape[1])), num_warps=1,
+        )
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["n", "width", "pos_at", "slot_at", "table_at", "lens_at"])
+    def _decode_inputs_kernel(ints_ptr, ids_from_ptr, ids_ptr, pos_ptr, slot_ptr, lens_ptr, bt_ptr, n, width,
+                              pos_at, slot_at, table_at, lens_at, stride_bt,
+                              IDS_FROM: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r of a step's packed ints (step.PackedStep's sections, from their offsets) into the
+        static buffers; rows n.. of the graph's size are padding: slot -1, seq_len 0."""
+        r = tl.program_id(0)
+        if r < n:
+            if IDS_FROM:
+                tl.store(ids_ptr + r, tl.load(ids_from_ptr + r))
+            else:
+                tl.store(ids_ptr + r, tl.load(ints_ptr + r))
+            tl.store(pos_ptr + r, tl.load(ints_ptr + pos_at + r))
+            tl.store(slot_ptr + r, tl.load(ints_ptr + slot_at + r))
+            tl.store(lens_ptr + r, tl.load(ints_ptr + lens_at + r).to(tl.int32))
+            cols = tl.arange(0, BLOCK)
+            for c0 in range(0, width, BLOCK):
+                ok = c0 + cols < width
+                blocks = tl.load(ints_ptr + table_at + r * width + c0 + cols, mask=ok)
+                tl.store(bt_ptr + r * stride_bt + c0 + cols, blocks.to(tl.int32), mask=ok)
+        else:
+            tl.store(slot_ptr + r, -1)
+            tl.store(lens_ptr + r, 0)
+
 
 class DecodeGraphs:
     """One captured decode graph per ladder size, sharing a memory pool and the buffers.
     Build it after the KV cache exists: the graphs bake in the addresses of the cache (and of
-    an int8 cache's scales, which the attention modules hold next to it)."""
+    an int8 cache's scales, which the attention modules hold next to it).
+
+    A graph ends with the LM head's shard of the logits and, where the size allows
+    (ParallelLMHead.can_pick: always alone, up to greedy.MAX_PROGRAMS rows under tensor
+    parallelism), each row's greedy id picked from the shards (greedy.py): a greedy step then
+    needs nothing more, and the whole logits are gathered after the replay only for a step
+    that samples or returns them. A step's inputs reach the static buffers in one kernel from
+    its packed ints, which the graph's first kernel then reads."""
 
     def __init__(self, model: LlamaForCausalLM, max_batch_size: int, max_blocks: int, device: torch.device):
         self.model = model
         self.sizes = graph_batch_sizes(max_batch_size)
         self.max_blocks = max_blocks
+        self.picks = {bs: model.lm_head.can_pick(bs) for bs in self.sizes}
         n = self.sizes[-1]
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
+        head = model.lm_head.weight
         with torch.inference_mode():
             self.buf = _Buffers(
                 ids=torch.zeros(n, **i64),
@@ -80,42 +140,37 @@ class DecodeGraphs:
                 block_tables=torch.zeros(n, max_blocks, **i32),
                 cu_seqlens_q=torch.arange(n + 1, **i32),
                 seq_lens=torch.zeros(n, **i32),
-                logits=torch.zeros(n, model.args.vocab_size, dtype=torch.float32, device=device),
+                shard_logits=torch.zeros(n, head.shape[0], dtype=head.dtype, device=device),
+                greedy=torch.zeros(n, **i64),
             )
+        empty = PackedStep([STEP, 0, 0, 1, 0, 0, 1, 0, 0, 0], self.buf.ids)  # every row padding
+        for ids_from in (None, self.buf.ids):  # compiled now, not in the first request's step
+            self.buf.fill(dataclasses.replace(empty, ids_from=ids_from), n)
         self.graphs = capture_graphs(self.sizes, self._forward, device)  # captured with the padding values
 
     def _forward(self, bs: int) -> None:
         b = self.buf
         hidden = self.model(b.ids[:bs], b.positions[:bs], b.meta(bs))
-        b.logits[:bs] = self.model.compute_logits(hidden)
+        shard = self.model.lm_head.shard_logits(hidden, out=b.shard_logits[:bs])
+        if self.picks[bs]:
+            self.model.lm_head.greedy(shard, out=b.greedy[:bs])
 
-
-    def can_run(self, num_rows: int, num_logits: int, meta: AttentionMetadata, has_images: bool) -> bool:
+    def can_run(self, step: PackedStep) -> bool:
         """Whether a step is a pure decode a graph covers: q_len 1 everywhere, every row
         sampling, no image rows, and within the captured batch and block-table sizes."""
-        return (
-            meta.max_q_len == 1
-            and not has_images
-            and num_logits == num_rows
-            and num_rows <= self.sizes[-1]
-            and meta.block_tables.shape[1] <= self.max_blocks
-        )
+        _, tokens, seqs, width, num_logits, image_rows, max_q_len = step.header[:7]
+        return (max_q_len == 1 and not image_rows and num_logits == tokens == seqs and tokens <= self.sizes[-1]
+                and width <= self.max_blocks)
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """float32 logits [B, vocab]: a view of the static output, valid until the next replay."""
-        n = ids.shape[0]
+    def run(self, step: PackedStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(this rank's shard of the logits [B, shard], the greedy ids [B] or None where the size
+        does not pick them): views of the static outputs, valid until the next replay."""
+        n = step.header[1]
         bs = pick_batch_size(self.sizes, n)
         b = self.buf
-        b.ids[:n].copy_(ids, non_blocking=True)
-        b.positions[:n].copy_(positions, non_blocking=True)
-        b.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
-        b.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
-        if n < bs:  # padding rows
-            b.slot_mapping[n:bs].fill_(-1)
-            b.seq_lens[n:bs].zero_()
-        b.block_tables[:n, : meta.block_tables.shape[1]].copy_(meta.block_tables, non_blocking=True)
+        b.fill(step, bs)
         self.graphs[bs].replay()
-        return b.logits[:n]
+        return b.shard_logits[:n], (b.greedy[:n] if self.picks[bs] else None)
 
 
 SHORT_PREFILL_SIZES = (16, 32, 64)  # one sequence's new tokens (a follow-up turn after a prefix-cache hit)

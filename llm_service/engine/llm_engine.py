@@ -16,7 +16,7 @@ from llm_service.config import EngineConfig
 from llm_service.distributed import init_tp, tp_size
 from llm_service.distributed.launcher import WorkerGroup
 from llm_service.engine.block_manager import BlockManager
-from llm_service.engine.model_runner import ModelRunner
+from llm_service.engine.model_runner import ModelRunner, StepLogits
 from llm_service.engine.sampler import SamplingBatch, argmax_only, sample
 from llm_service.engine.scheduler import Scheduled, Scheduler
 from llm_service.engine.sequence import Sequence, Status
@@ -168,22 +168,20 @@ class LLMEngine:
         decodes = sum(1 for item in batch if item.num_tokens == 1)
         self.step_log.append(StepRecord(time.perf_counter(), sum(item.num_tokens for item in batch) - decodes,
                                         decodes, len(self.scheduler.running), len(self.scheduler.waiting)))
-        logits = self.runner.run(batch, input_ids)
-        sampling = []
+        sampling = [item.seq for item in batch if item.samples]
+        greedy = argmax_only(sampling)  # then the decode graph's own pick will do
+        wants_logits = any(seq.params.output_logits for seq in sampling)
+        out = self.runner.run(batch, input_ids, need_logits=not greedy or wants_logits)
         for item in batch:
             item.seq.num_computed_tokens += item.num_tokens
-            if item.samples:
-                sampling.append(item.seq)
         if self.blocks.prefix_caching:
             for item in batch:
                 self.blocks.commit(item.seq)
         if not sampling:
             return _Launched([], None, None, None, None)
-        tokens = self._sample(logits, sampling)
-        if any(seq.params.output_logits for seq in sampling):
-            logits = logits.clone()  # the graphs' output buffer is overwritten by the next replay
-        else:
-            logits = None
+        tokens = self._sample(out, sampling, greedy)
+        # a copy: a graph's output buffer is overwritten by the next replay
+        logits = out.full.clone() if wants_logits else None
         if self.device.type != "cuda":
             return _Launched(sampling, tokens, tokens, None, logits)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -230,12 +228,13 @@ class LLMEngine:
             outputs.append(StepOutput(seq, token, row_logits, reason))
         return outputs
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """The next token of each row, int64 on the device (no sync)."""
-        if argmax_only(seqs):  # nothing to build or copy for the sampler
-            return logits.argmax(dim=-1)
+    def _sample(self, out: StepLogits, seqs: list[Sequence], greedy: bool) -> torch.Tensor:
+        """The next token of each row, int64 on the device (no sync). greedy: every row takes the
+        plain argmax (sampler.argmax_only), which a decode graph may have picked already."""
+        if greedy:  # nothing to build or copy for the sampler
+            return out.greedy if out.greedy is not None else out.full.argmax(dim=-1)
         params = SamplingBatch.build(seqs, self.eos_token_ids, self.spec.args.vocab_size, self.device)
-        return sample(logits, params)
+        return sample(out.full, params)
 
     @staticmethod
     def _stop_reason(seq: Sequence, token: int) -> str | None:

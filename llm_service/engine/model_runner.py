@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,17 @@ from llm_service.layers.attention import Attention, kv_bytes_per_token, kv_cache
 from llm_service.models.llama import LlamaForCausalLM
 from llm_service.models.loader import ModelSpec, load_model
 from vision_service.staging import PinnedStaging
+
+
+@dataclass
+class StepLogits:
+    """A step's outcome for its sampling rows, in batch order: float32 logits over the whole
+    vocabulary unless a decode graph picked the greedy ids and the step did not ask for them
+    (PackedStep.need_logits), and those ids (int64 [B]) where the graph picked them. Views of a
+    graph's static outputs are valid until its next replay."""
+
+    full: torch.Tensor | None
+    greedy: torch.Tensor | None
 
 
 class ModelRunner:
@@ -96,10 +108,12 @@ class ModelRunner:
             raise RuntimeError(f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after weights)")
         return num
 
-    def prepare(self, batch: list[Scheduled], input_ids: torch.Tensor | None = None) -> PackedStep:
+    def prepare(self, batch: list[Scheduled], input_ids: torch.Tensor | None = None,
+                need_logits: bool = True) -> PackedStep:
         """Rank 0, host side: the step's tensors, packed and copied to the device.
         `input_ids` (int64 [T], on the device): the ids of a decode-only batch whose last
-        ids are not on the host yet (the previous step's samples); copied in on the device."""
+        ids are not on the host yet (the previous step's samples): copied in on the device for
+        the workers, alone read from where they are. need_logits: see PackedStep."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -135,26 +149,36 @@ class ModelRunner:
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
         rows = self.stage_rows.to_device(image_rows, self.device, self.dtype) if image_rows else None
         step = PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
-                                self.device)
+                                need_logits, self.device)
         if input_ids is not None:
-            step.ints[: len(ids)].copy_(input_ids)
+            if tp_size() > 1:
+                step.ints[: len(ids)].copy_(input_ids)
+            else:
+                step.ids_from = input_ids
         return step
 
-    def run(self, batch: list[Scheduled], input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Rank 0: one step over the batch; float32 logits [n_sampling, vocab], in batch order."""
-        step = self.prepare(batch, input_ids)
+    def run(self, batch: list[Scheduled], input_ids: torch.Tensor | None = None,
+            need_logits: bool = True) -> StepLogits:
+        """Rank 0: one step over the batch: the logits of its sampling rows, in batch order."""
+        step = self.prepare(batch, input_ids, need_logits)
         if tp_size() > 1:
             send_step(step)
-        return self.forward(step.unpack())
+        return self.forward(step)
 
     @torch.inference_mode()
-    def forward(self, step: StepInputs) -> torch.Tensor:
-        """Every rank: the model over the step's tokens and the (vocab-gathered) LM head."""
+    def forward(self, packed: PackedStep) -> StepLogits:
+        """Every rank: the model over the step's tokens and the LM head."""
+        if self.graphs is not None and self.graphs.can_run(packed):
+            shard, greedy = self.graphs.run(packed)
+            if greedy is not None and not packed.need_logits:
+                return StepLogits(None, greedy)
+            return StepLogits(self.model.lm_head.gather(shard).float(), greedy)
+        return StepLogits(self._forward(packed.unpack()), None)
+
+    def _forward(self, step: StepInputs) -> torch.Tensor:
+        """float32 logits [n_sampling, vocab] of a step no decode graph covers."""
         ids, meta, logits_rows = step.input_ids, step.meta, step.logits_rows
-        has_images = step.image_rows is not None
-        if self.graphs is not None and self.graphs.can_run(ids.shape[0], logits_rows.shape[0], meta, has_images):
-            return self.graphs.run(ids, step.positions, meta)
-        num_image_rows = step.image_rows.shape[0] if has_images else 0
+        num_image_rows = step.image_rows.shape[0] if step.image_rows is not None else 0
         for graphs in self.prefill_graphs:
             if graphs.can_run(ids.shape[0], meta, num_image_rows):
                 return graphs.run(ids, step.positions, meta, logits_rows, step.image_index, step.image_rows)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llm_service.distributed import all_gather_last_dim, all_reduce, tp_rank, tp_size
+from llm_service.distributed import (all_gather_last_dim, all_reduce, can_pick_greedy, greedy_ids, partial_sender,
+                                     tp_rank, tp_size)
 from llm_service.layers import triton_fused, triton_gemv
 from llm_service.layers.linear import project
 
@@ -36,19 +37,27 @@ class VocabParallelEmbedding(nn.Module):
         self.fused = triton_fused.AVAILABLE
         return self.fused
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """reduce=False returns this rank's rows (zero for ids of other shards), for a norm that
+        sums them over the ranks (RMSNorm's reduce=True), as RowParallelLinear's partial sums."""
         if self.fused:
-            return all_reduce(triton_fused.embedding(ids, self.weight, self.start))
+            sender = None if reduce else partial_sender(ids.shape[0], self.weight.shape[1], self.weight.dtype)
+            out = triton_fused.embedding(ids, self.weight, self.start, send=sender)
+            if sender is not None:
+                sender.pending = out  # the norm only receives
+            return all_reduce(out) if reduce else out
         if self.tp_size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
         mine = (local >= 0) & (local < self.shard)
         out = F.embedding(torch.where(mine, local, 0), self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
-        return all_reduce(out)
+        return all_reduce(out) if reduce else out
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden -> logits over the full vocabulary (padding of the last shard dropped)."""
+    """hidden -> logits over the full vocabulary (padding of the last shard dropped); in two
+    halves for decode graphs, which pick greedy ids from this rank's shard (`greedy`) and
+    gather the whole rows only when a step needs them."""
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__(vocab_size, hidden_size)
@@ -59,5 +68,24 @@ class ParallelLMHead(VocabParallelEmbedding):
         return self.use_gemv
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = all_gather_last_dim(project(hidden, self.weight, None, self.use_gemv))
-        return logits[..., : self.vocab_size]
+        return self.gather(self.shard_logits(hidden))
+
+    def shard_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's columns of the logits [rows, shard] (into `out` when given)."""
+        if out is not None and self.use_gemv and hidden.shape[0] <= triton_gemv.MAX_ROWS:
+            return triton_gemv.gemv(hidden, self.weight, out=out)
+        logits = project(hidden, self.weight, None, self.use_gemv)
+        return logits if out is None else out.copy_(logits)
+
+    def gather(self, shard: torch.Tensor) -> torch.Tensor:
+        """Every rank's `shard_logits` side by side: the logits over the vocabulary."""
+        return all_gather_last_dim(shard)[..., : self.vocab_size]
+
+    def can_pick(self, rows: int) -> bool:
+        """Whether `greedy` takes `rows` rows (the same answer on every rank)."""
+        return can_pick_greedy(rows, self.weight.device)
+
+    def greedy(self, shard: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The argmax of each row of the gathered logits, from every rank's `shard_logits` (where
+        `can_pick`): the ids of a greedy step without gathering the rows."""
+        return greedy_ids(shard, self.start, min(self.shard, self.vocab_size - self.start), out)

@@ -31,12 +31,13 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None, reduce: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x); with `residual`: (norm(residual + x), residual + x). reduce: x holds this
-        rank's partial sums (of a row-parallel layer), to be summed over the ranks first."""
+        rank's partial sums (of a row-parallel layer, or the vocab shard's embeddings), to be
+        summed over the ranks first (in place)."""
         if reduce:
-            if self.fused and residual is not None:
+            if self.fused:
                 out = all_reduce_rms_norm(x, residual, self.weight, self.eps)
                 if out is not None:
-                    return out, residual
+                    return out if residual is None else (out, residual)
             all_reduce(x)
         if self.fused:
             out = triton_fused.rms_norm(x, self.weight, self.eps, residual)

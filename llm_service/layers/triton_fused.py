@@ -24,6 +24,7 @@ AVAILABLE: bool = triton is not None
 
 
 if AVAILABLE:
+    from llm_service.distributed.ll_allreduce import send_partials
 
     @triton.jit
     def _rms_norm_kernel(
@@ -68,8 +69,11 @@ if AVAILABLE:
         tl.store(out_ptr + row * stride_out + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _embedding_kernel(ids_ptr, w_ptr, out_ptr, start, rows, H, stride_w, stride_out,
-                          PDL: tl.constexpr, BLOCK: tl.constexpr):
+    def _embedding_kernel(ids_ptr, w_ptr, out_ptr, start, rows, T, H, stride_w, stride_out, ptrs_ptr, epoch_ptr,
+                          rank, SEND: tl.constexpr, WORLD: tl.constexpr, WORLD_P2: tl.constexpr,
+                          MAX_WORDS: tl.constexpr, PDL: tl.constexpr, BLOCK: tl.constexpr):
+        """SEND: the rows are partial sums over the ranks' shards, also sent as the next ll
+        all-reduce's packets (ll_allreduce.send_partials; out contiguous), as a row-parallel GEMV sends."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -80,11 +84,15 @@ if AVAILABLE:
         mine = (local >= 0) & (local < rows)
         x = tl.load(w_ptr + tl.where(mine, local, 0) * stride_w + cols, mask=ok & mine, other=0.0)
         tl.store(out_ptr + t * stride_out + cols, x, mask=ok)
+        if SEND:
+            send_partials(x[None, :], t + tl.arange(0, 1), cols, tl.program_id(1), T, H, ptrs_ptr, epoch_ptr, rank,
+                          WORLD, WORLD_P2, MAX_WORDS, 1, BLOCK, x.dtype == tl.bfloat16)
 
 
-def embedding(ids: torch.Tensor, weight: torch.Tensor, start: int = 0) -> torch.Tensor:
+def embedding(ids: torch.Tensor, weight: torch.Tensor, start: int = 0, send=None) -> torch.Tensor:
     """Rows of `weight` [rows, H] for ids [T] offset by `start`, zero for ids outside start..start+rows
-    (a vocabulary shard): one launch where F.embedding with the shard's mask took ~7."""
+    (a vocabulary shard): one launch where F.embedding with the shard's mask took ~7. send: an
+    ll_allreduce.LLAllReduce whose next call sums the rows over the ranks (as triton_gemv.gemv's)."""
     T, (rows, H) = ids.shape[0], weight.shape
     out = torch.empty((T, H), dtype=weight.dtype, device=weight.device)
     if T == 0:
@@ -92,8 +100,13 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, start: int = 0) -> torch.
     if weight.stride(1) != 1:
         raise ValueError("embedding needs rows contiguous along the hidden dimension")
     block = min(1024, triton.next_power_of_2(H))
-    _embedding_kernel[(T, triton.cdiv(H, block))](ids, weight, out, start, rows, H, weight.stride(0), out.stride(0),
-                                                 BLOCK=block, num_warps=4, **pdl.launch(weight.device))
+    if send is not None:
+        (ptrs, epoch, rank), consts = send.send_args()
+    else:
+        (ptrs, epoch, rank), consts = (out, out, 0), dict(WORLD=1, WORLD_P2=1, MAX_WORDS=1)
+    _embedding_kernel[(T, triton.cdiv(H, block))](
+        ids, weight, out, start, rows, T, H, weight.stride(0), out.stride(0), ptrs, epoch, rank,
+        SEND=send is not None, BLOCK=block, num_warps=4, **consts, **pdl.launch(weight.device))
     return out
 
 

@@ -143,7 +143,7 @@ if AVAILABLE:
         y_ptrs = y_ptr + rm_out[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(DT), mask=(rm_out[:, None] < M) & n_ok[None, :])
         if SEND:
-            send_partials(acc.to(DT), rm_out, rn, M, N, ptrs_ptr, epoch_ptr, rank, WORLD, WORLD_P2, MAX_WORDS,
+            send_partials(acc.to(DT), rm_out, rn, tl.program_id(0), M, N, ptrs_ptr, epoch_ptr, rank, WORLD, WORLD_P2, MAX_WORDS,
                           BLOCK_M, BLOCK_N, DT == tl.bfloat16)
 
     @triton.jit
@@ -246,19 +246,24 @@ def _rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, gated: bool = False,
-         send=None, block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+         send=None, out: torch.Tensor | None = None, block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
          num_stages: int | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [M, K] with M <= MAX_ROWS. gated: weight (and bias) stack
     [gate; up] and the result is silu(gate) * up [M, N / 2], the bits of
     triton_fused.silu_and_mul(gemv(x, weight, bias)) in one launch. send: an
     ll_allreduce.LLAllReduce whose next call sums the result over the ranks; the kernel sends
-    this rank's packets itself, as its programs finish. The keyword knobs exist for
-    bench/gemv.py's sweeps."""
+    this rank's packets itself, as its programs finish. out: a contiguous [M, N] tensor of x's
+    dtype to write the result into. The keyword knobs exist for bench/gemv.py's sweeps."""
     M, K = x.shape
     x = _rows(x, weight)
     N = weight.shape[0] // 2 if gated else weight.shape[0]
     block_m, block_n, block_k, launch = _tiles(x, gated, block_n, block_k, num_warps, num_stages)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if out is None:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    elif out.shape != (M, N) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"gemv: out must be a contiguous [{M}, {N}] {x.dtype} tensor")
+    else:
+        y = out
     if send is not None:
         if x.dtype == torch.bfloat16 and block_n % 2:
             raise ValueError("gemv: sending bf16 partial sums needs an even block_n")

@@ -106,16 +106,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
 
     def forward(
-        self, rope: Rope, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+        self, rope: Rope, h: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata, partial: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h: the previous sublayer's output, not yet added to `residual` (None before the
         first layer; then h is the embeddings). Each norm adds it, so the adds fuse into the
-        norm kernels; with `partial` h is a row-parallel layer's partial sums, and the norm
-        all-reduces them too."""
+        norm kernels; `partial`: h holds this rank's partial sums (a row-parallel layer's, or
+        the vocab shard's embeddings), and the norm all-reduces them too (the embeddings in place)."""
         if residual is None:
-            x, residual = self.input_layernorm(h), h
+            x, residual = self.input_layernorm(h, reduce=partial), h
         else:
-            x, residual = self.input_layernorm(h, residual, reduce=self.partial)
+            x, residual = self.input_layernorm(h, residual, reduce=partial)
         h = self.self_attn(rope, x, meta, reduce=not self.partial)
         x, residual = self.post_attention_layernorm(h, residual, reduce=self.partial)
         return self.mlp(x, reduce=not self.partial), residual
@@ -138,13 +138,15 @@ class LlamaModel(nn.Module):
         image_index: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        partial = self.partial and image_index is None  # image rows replace whole, summed embeddings
+        h = self.embed_tokens(input_ids, reduce=not partial)
         if image_index is not None:  # an index, not a bool mask: masked writes sync with the host
             h.index_copy_(0, image_index, image_rows.to(h.dtype))
         rope = self.rotary(positions)
         residual = None
         for layer in self.layers:
-            h, residual = layer(rope, h, residual, meta)
+            h, residual = layer(rope, h, residual, meta, partial)
+            partial = self.partial
         return self.norm(h, residual, reduce=self.partial)[0]
 
 

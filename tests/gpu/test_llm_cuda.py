@@ -87,9 +87,9 @@ def _spy_graphs(eng) -> list[int]:
     sizes: list[int] = []
     replay = graphs.run
 
-    def run_and_record(ids, positions, meta):
-        sizes.append(ids.shape[0])
-        return replay(ids, positions, meta)
+    def run_and_record(step):
+        sizes.append(step.header[1])
+        return replay(step)
 
     graphs.run = run_and_record
     return sizes
