@@ -81,7 +81,7 @@ def profiled(engine: LLMEngine, steps: int, out: Path, name: str) -> dict:
         torch.cuda.synchronize()
     trace = out / f"tp_decode_{name}.json"
     prof.export_chrome_trace(str(trace))
-    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy")]
     trace.unlink()
     events.sort(key=lambda e: e["ts"])
     busy, end = 0.0, float("-inf")

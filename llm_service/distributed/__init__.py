@@ -141,8 +141,9 @@ def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=-1)
 
 
-def _greedy_exchange():
-    """The ll all-reduce that greedy.argmax trades through under tensor parallelism; None alone."""
+def ll_exchange():
+    """The barrier-free exchange (an ll_allreduce.LLAllReduce) under tensor parallelism, where set
+    up; None alone or without it."""
     return None if _TP.size == 1 or _TP.fast is None else _TP.fast.ll
 
 
@@ -151,12 +152,13 @@ def can_pick_greedy(rows: int, device: torch.device) -> bool:
     Triton and, under tensor parallelism, the ll all-reduce set up and the rows within it."""
     if device.type != "cuda":
         return False
-    ll = _greedy_exchange()
+    ll = ll_exchange()
     return (_TP.size == 1 or ll is not None) and greedy.fits(rows, ll)
 
 
-def greedy_ids(shard: torch.Tensor, start: int, valid: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_ids(shard: torch.Tensor, start: int, valid: int, out: torch.Tensor | None = None,
+               host: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """Each row's argmax over the whole vocabulary (int64), from this rank's shard of the logits
     (columns start..start+valid of it real) and every other rank's (greedy.py), where
-    `can_pick_greedy`; the same ids on every rank."""
-    return greedy.argmax(shard, start, valid, _greedy_exchange(), out)
+    `can_pick_greedy`; the same ids on every rank. host: see greedy.argmax."""
+    return greedy.argmax(shard, start, valid, ll_exchange(), out, host)

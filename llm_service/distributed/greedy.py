@@ -10,7 +10,8 @@ Under tensor parallelism each program then trades its (value, index) pair with t
 through the ll all-reduce's buffers (ll_allreduce.py: 8 bytes a row, one NVLink trip) and keeps
 the largest in rank order, so a tie goes to the lower rank, whose shard holds the lower indices.
 Every rank gets the same ids. The full logits are gathered only for the steps that sample or
-return them (model_runner.py).
+return them (model_runner.py). The ids can also go straight into pinned host memory (`host`),
+where the engine reads them once the step is done: no copy home queued behind the step.
 """
 from __future__ import annotations
 
@@ -48,10 +49,12 @@ if AVAILABLE:
 
     @triton.jit
     def _greedy_kernel(x_ptr, out_ptr, stride_x, valid, start, ptrs_ptr, epoch_ptr, done_ptr, rank,
-                       WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr,
+                       host_addr, host_off_ptr,
+                       WORLD: tl.constexpr, WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr, HOST: tl.constexpr,
                        BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[row] = the vocabulary index of row's largest logit over every rank's shard; x holds
-        this rank's, from index `start`, `valid` of them real (the last shard may be padded)."""
+        this rank's, from index `start`, `valid` of them real (the last shard may be padded).
+        HOST: also into the int64 host memory at host_addr, from the element *host_off_ptr on."""
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         table = _table(ptrs_ptr, WORLD, WORLD_P2)  # WORLD 1: unused
@@ -79,10 +82,10 @@ if AVAILABLE:
                     take = value > top
                     top = tl.where(take, value, top)
                     first = tl.where(take, index, first)
-            tl.store(out_ptr + row, first.to(tl.int64))
             _end_call(epoch_ptr, done_ptr, call)
-        else:
-            tl.store(out_ptr + row, first.to(tl.int64))
+        tl.store(out_ptr + row, first.to(tl.int64))
+        if HOST:
+            tl.store(host_addr.to(tl.pointer_type(tl.int64)) + tl.load(host_off_ptr) + row, first.to(tl.int64))
 
 
 def fits(rows: int, ll) -> bool:
@@ -93,10 +96,14 @@ def fits(rows: int, ll) -> bool:
     return ll is None or (0 < rows <= MAX_PROGRAMS and 8 * rows <= ll.max_bytes)
 
 
-def argmax(logits: torch.Tensor, start: int, valid: int, ll=None, out: torch.Tensor | None = None) -> torch.Tensor:
+def argmax(logits: torch.Tensor, start: int, valid: int, ll=None, out: torch.Tensor | None = None,
+           host: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """int64 [rows]: each row's argmax over the whole vocabulary, whose columns start..start+valid
     this rank's logits [rows, >= valid] hold; the other ranks' through `ll` (every rank calls it,
-    in the same order as its other ll calls). `out` [rows] int64, when given, receives them."""
+    in the same order as its other ll calls). `out` [rows] int64, when given, receives them.
+    host (address, offset): the address of pinned int64 host memory, and a device int64 [1] whose
+    value, read when the kernel runs, is the element the ids go to from there (a graph replays
+    the address; the offset may change between replays)."""
     rows = logits.shape[0]
     if not fits(rows, ll):
         raise ValueError(f"greedy.argmax: {rows} rows do not fit the exchange")
@@ -109,7 +116,9 @@ def argmax(logits: torch.Tensor, start: int, valid: int, ll=None, out: torch.Ten
         args, consts = (logits, logits, logits, 0), dict(WORLD=1, WORLD_P2=1, MAX_WORDS=1)
     else:
         args, consts = ll.exchange_args()
+    host_addr, host_off = host if host is not None else (0, out)
     block = min(MAX_BLOCK, triton.next_power_of_2(max(valid, 1)))
-    _greedy_kernel[(rows,)](logits, out, logits.stride(0), valid, start, *args, BLOCK=block,
-                            num_warps=16 if block >= 8192 else 4, **consts, **pdl.launch(logits.device))
+    _greedy_kernel[(rows,)](logits, out, logits.stride(0), valid, start, *args, host_addr, host_off,
+                            HOST=host is not None, BLOCK=block, num_warps=16 if block >= 8192 else 4, **consts,
+                            **pdl.launch(logits.device))
     return out

@@ -10,7 +10,9 @@ Two channels. Under tensor parallelism rank 0 sends each step as
    group (distributed.control_group);
 2. the flat ints and, when the step has any, the image rows at full hidden size (every
    rank embeds every token, so every rank fills the image positions), broadcast from the
-   device on the default group (NCCL on CUDA): queued on the stream, no host wait.
+   device on the default group (NCCL on CUDA): queued on the stream, no host wait. A decode
+   step that a CUDA graph replays (`staged`) skips this: its ints go from rank 0's pinned host
+   memory to every rank in the graph's input kernel, over the ll exchange, also queued.
 The ints stay on the device because, when decode runs ahead (LLMEngine.run_ahead), rank 0
 writes the previous step's sampled ids into them there before they reach its host. The
 header must not: a worker reading a header from its device (.tolist()) waits for all that
@@ -64,7 +66,7 @@ import torch.distributed as dist
 from llm_service.distributed import control_group
 from llm_service.layers.attention import AttentionMetadata
 
-HEADER_LEN = 10
+HEADER_LEN = 11
 STEP, SHUTDOWN, PING = 1, 2, 3  # header[0]: what the workers are to do
 
 
@@ -83,15 +85,22 @@ class StepInputs:
 @dataclass
 class PackedStep:
     """header = [kind, tokens, seqs, table width, logits rows, image rows, max_q_len, num_decodes,
-    need_logits, len(ints)]. need_logits: whether rank 0 samples from the whole logits (or returns
-    them), which a decode graph that picks greedy ids gathers only then, on every rank."""
+    need_logits, staged, len(ints)]. need_logits: whether rank 0 samples from the whole logits (or
+    returns them), which a decode graph that picks greedy ids gathers only then, on every rank.
+    staged: the ints stay in rank 0's pinned host memory (`host`), where the decode graph's input
+    kernel reads them and, under tensor parallelism, sends them on to the workers
+    (cuda_graph._Buffers.fill): no copy to the device and no device broadcast."""
 
     header: list[int]  # on the host: it travels on the control group
-    ints: torch.Tensor  # int64: ids, positions, slots, block tables, cu_seqlens, seq_lens, logits rows, image index
+    # int64: ids, positions, slots, block tables, cu_seqlens, seq_lens, logits rows, image index;
+    # on the device, or None when staged
+    ints: torch.Tensor | None
     image_rows: torch.Tensor | None = None
-    # rank 0 alone (tp=1): the step's ids on the device (a running-ahead decode's, the previous
-    # step's samples), read from there instead of from `ints`, which holds placeholders for them
+    # rank 0 alone: the step's ids on the device (a running-ahead decode's, the previous step's
+    # samples), read from there instead of from the ints, which hold placeholders for them
     ids_from: torch.Tensor | None = None
+    host: torch.Tensor | None = None  # rank 0, staged: the ints in pinned host memory
+    slot: int | None = None  # rank 0, a decode graph's step: its slot of the graph's host rings
 
     @classmethod
     def build(
@@ -107,7 +116,10 @@ class PackedStep:
         image_rows: torch.Tensor | None,
         need_logits: bool,
         device: torch.device,
+        pinned: torch.Tensor | None = None,
     ) -> "PackedStep":
+        """pinned: int64 pinned host memory to stage the ints in (`staged`) instead of copying them
+        to the device; at least as long as they are."""
         width = len(tables[0])
         flat = ids + positions + slots + [b for row in tables for b in row] + cu_seqlens + seq_lens + logits_rows
         if image_rows is not None:
@@ -117,9 +129,15 @@ class PackedStep:
         num_decodes = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
         n_rows = 0 if image_rows is None else image_rows.shape[0]
         header = [STEP, len(ids), len(seq_lens), width, len(logits_rows), n_rows, max_q_len, num_decodes,
-                  int(need_logits), len(flat)]
-        ints = _on_device(torch.frombuffer(array("q", flat), dtype=torch.int64), device)  # one copy
-        return cls(header, ints, image_rows)
+                  int(need_logits), int(pinned is not None), len(flat)]
+        packed = torch.frombuffer(array("q", flat), dtype=torch.int64)
+        if pinned is not None:
+            return cls(header, None, image_rows, host=pinned[: len(flat)].copy_(packed))
+        return cls(header, _on_device(packed, device), image_rows)  # one copy
+
+    @property
+    def staged(self) -> bool:
+        return bool(self.header[9])
 
     @property
     def need_logits(self) -> bool:
@@ -131,7 +149,9 @@ class PackedStep:
         return [t, t, t, b * width, b + 1, b, n_logits, n_rows]
 
     def unpack(self) -> StepInputs:
-        _, t, b, width, n_logits, n_rows, max_q_len, num_decodes = self.header[:8]
+        if self.ints is None:
+            raise RuntimeError("a step staged for a decode graph has no ints on the device to unpack")
+        b, width, _, n_rows, max_q_len, num_decodes = self.header[2:8]
         ids, positions, slots, tables, cu, lens, logits_rows, index = self.ints.split(self.sizes())
         if self.ids_from is not None:
             ids = self.ids_from
@@ -157,7 +177,8 @@ def send_step(step: PackedStep) -> None:
     """Rank 0: send `step` (its tensors already on this rank's device): the header from the
     host, then the device tensors, queued on the stream."""
     _send_header(step.header)
-    dist.broadcast(step.ints, src=0)
+    if not step.staged:  # else the decode graph's input kernel sends them
+        dist.broadcast(step.ints, src=0)
     if step.image_rows is not None:
         dist.broadcast(step.image_rows, src=0)
 
@@ -185,8 +206,10 @@ def recv_step(device: torch.device, dtype: torch.dtype, hidden_size: int) -> Pac
         return None
     if header[0] != STEP:
         raise RuntimeError(f"unknown step header {header}")
-    ints = torch.empty(header[-1], dtype=torch.int64, device=device)
-    dist.broadcast(ints, src=0)
+    ints = None
+    if not header[9]:  # staged: the decode graph's input kernel receives them
+        ints = torch.empty(header[-1], dtype=torch.int64, device=device)
+        dist.broadcast(ints, src=0)
     rows = None
     if header[5]:
         rows = torch.empty(header[5], hidden_size, dtype=dtype, device=device)

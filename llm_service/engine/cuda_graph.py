@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llm_service.distributed import ll_exchange, tp_rank, tp_size
+from llm_service.distributed.ll_allreduce import MAX_PROGRAMS
 from llm_service.distributed.step import STEP, PackedStep
 
 from llm_service.layers.attention import AttentionMetadata
@@ -60,6 +62,7 @@ class _Buffers:
     seq_lens: torch.Tensor  # int32 [N]
     shard_logits: torch.Tensor  # [N, vocab shard] in the model dtype: the LM head's, this rank's columns
     greedy: torch.Tensor  # int64 [N]: each row's argmax over the whole vocabulary, where the size picks it
+    host_off: torch.Tensor  # int64 [1]: where in DecodeGraphs.host_ids the greedy ids go, set by `fill`
 
     def meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -70,45 +73,100 @@ class _Buffers:
             max_q_len=1,
         )
 
-    def fill(self, step: PackedStep, bs: int) -> None:
+    def fill(self, step: PackedStep, bs: int, host_off: int) -> None:
         """The inputs of a graph of size bs from a decode step's packed ints, in one kernel where
-        unpacking them and copying each in took ten: rows past the step's are padding."""
+        unpacking them and copying each in took ten; rows past the step's are padding. A staged
+        step's ints are read from rank 0's pinned host memory and, under tensor parallelism, sent
+        to the workers, whose kernel receives them (an ll call on every rank). host_off: where in
+        the host ring the graph's greedy ids go (stored for the graph's kernel to read)."""
         n, width = step.header[1], step.header[3]
         starts = list(itertools.accumulate(step.sizes(), initial=0))  # ids, positions, slots, tables, cu, lens
+        ll = ll_exchange() if step.staged else None
+        if ll is not None:
+            (ptrs, epoch, done, rank), consts = ll.exchange_args()
+            exchange = 1 if rank == 0 else 2
+        else:
+            (ptrs, epoch, done, rank), consts = (self.ids, self.ids, self.ids, 0), dict(WORLD=1, WORLD_P2=1,
+                                                                                       MAX_WORDS=1)
+            exchange = 0
+        src = step.host if step.staged else step.ints
+        src = self.ids if src is None else src  # a worker's staged step: read from the packets instead
         ids_from = step.ids_from
         _decode_inputs_kernel[(bs,)](
-            step.ints, step.ints if ids_from is None else ids_from, self.ids, self.positions, self.slot_mapping,
-            self.seq_lens, self.block_tables, n, width, starts[1], starts[2], starts[3], starts[5],
-            self.block_tables.stride(0), IDS_FROM=ids_from is not None,
-            BLOCK=min(1024, triton.next_power_of_2(self.block_tables.shape[1])), num_warps=1,
+            src.data_ptr(), self.ids if ids_from is None else ids_from, self.ids,
+            self.positions, self.slot_mapping, self.seq_lens, self.block_tables, self.host_off, n, width,
+            starts[1], starts[2], starts[3], starts[5], self.block_tables.stride(0), host_off, ptrs, epoch, done,
+            rank, IDS_FROM=ids_from is not None, EXCHANGE=exchange,
+            BLOCK=min(1024, triton.next_power_of_2(self.block_tables.shape[1])), num_warps=1, **consts,
         )
 
 
 if triton is not None:
+    from llm_service.distributed.ll_allreduce import _call_flag, _end_call, _receive, _send, _table
 
-    @triton.jit(do_not_specialize=["n", "width", "pos_at", "slot_at", "table_at", "lens_at"])
-    def _decode_inputs_kernel(ints_ptr, ids_from_ptr, ids_ptr, pos_ptr, slot_ptr, lens_ptr, bt_ptr, n, width,
-                              pos_at, slot_at, table_at, lens_at, stride_bt,
-                              IDS_FROM: tl.constexpr, BLOCK: tl.constexpr):
-        """Row r of a step's packed ints (step.PackedStep's sections, from their offsets) into the
-        static buffers; rows n.. of the graph's size are padding: slot -1, seq_len 0."""
+    @triton.jit
+    def _int64s(words, k, field):
+        """The int64 value of a row's `field` among its fields' (low, high) word pairs."""
+        lo = tl.sum(tl.where(k == 2 * field, words, 0).to(tl.int64)) & 0xFFFFFFFF
+        return lo | (tl.sum(tl.where(k == 2 * field + 1, words, 0).to(tl.int64)) << 32)
+
+    @triton.jit(do_not_specialize=["n", "width", "pos_at", "slot_at", "table_at", "lens_at", "host_off"])
+    def _decode_inputs_kernel(src_addr, ids_from_ptr, ids_ptr, pos_ptr, slot_ptr, lens_ptr, bt_ptr, host_off_ptr,
+                              n, width, pos_at, slot_at, table_at, lens_at, stride_bt, host_off,
+                              ptrs_ptr, epoch_ptr, done_ptr, rank,
+                              IDS_FROM: tl.constexpr, EXCHANGE: tl.constexpr, WORLD: tl.constexpr,
+                              WORLD_P2: tl.constexpr, MAX_WORDS: tl.constexpr, BLOCK: tl.constexpr):
+        """Row r of a step's packed ints (PackedStep's sections, at their offsets; read as 4-byte
+        words from src_addr, on the device or in pinned host memory) into the static buffers; rows
+        n.. of the graph's size are padding: slot -1, seq_len 0. EXCHANGE 1 (rank 0): the words
+        the row needs also go to every other rank as the packets of an ll call; 2 (the others):
+        they come from those packets instead (ll_allreduce.py; a broadcast is safe there because
+        the call after it, the graph's first norm, has rank 0 receive from every rank, which they
+        send only once done with this one). Block ids travel as their low word."""
         r = tl.program_id(0)
+        if r == 0:
+            tl.store(host_off_ptr, host_off.to(tl.int64))
+        words_ptr = src_addr.to(tl.pointer_type(tl.int32))
+        table = _table(ptrs_ptr, WORLD, WORLD_P2)
+        call, half, flag = _call_flag(epoch_ptr)
         if r < n:
-            if IDS_FROM:
-                tl.store(ids_ptr + r, tl.load(ids_from_ptr + r))
+            k = tl.arange(0, 8)  # (low, high) words of: the id, the position, the slot, the seq_len
+            field = k // 2
+            at = tl.where(field == 0, r, tl.where(field == 1, pos_at + r, tl.where(field == 2, slot_at + r,
+                                                                                    lens_at + r)))
+            offs = 2 * at + k % 2
+            if EXCHANGE == 2:
+                words = _receive(offs, k < 8, table, half, flag, rank, 0, WORLD, WORLD_P2, MAX_WORDS)
             else:
-                tl.store(ids_ptr + r, tl.load(ints_ptr + r))
-            tl.store(pos_ptr + r, tl.load(ints_ptr + pos_at + r))
-            tl.store(slot_ptr + r, tl.load(ints_ptr + slot_at + r))
-            tl.store(lens_ptr + r, tl.load(ints_ptr + lens_at + r).to(tl.int32))
+                words = tl.load(words_ptr + offs)
+                if IDS_FROM:
+                    mine = tl.load(ids_from_ptr.to(tl.pointer_type(tl.int32)) + 2 * r + k, mask=k < 2, other=0)
+                    words = tl.where(k < 2, mine, words)
+                if EXCHANGE == 1:
+                    _send(words, offs, k < 8, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
+            tl.store(ids_ptr + r, _int64s(words, k, 0))
+            tl.store(pos_ptr + r, _int64s(words, k, 1))
+            tl.store(slot_ptr + r, _int64s(words, k, 2))
+            tl.store(lens_ptr + r, _int64s(words, k, 3).to(tl.int32))
             cols = tl.arange(0, BLOCK)
             for c0 in range(0, width, BLOCK):
                 ok = c0 + cols < width
-                blocks = tl.load(ints_ptr + table_at + r * width + c0 + cols, mask=ok)
-                tl.store(bt_ptr + r * stride_bt + c0 + cols, blocks.to(tl.int32), mask=ok)
+                block_offs = 2 * (table_at + r * width + c0 + cols)
+                if EXCHANGE == 2:
+                    blocks = _receive(block_offs, ok, table, half, flag, rank, 0, WORLD, WORLD_P2, MAX_WORDS)
+                else:
+                    blocks = tl.load(words_ptr + block_offs, mask=ok, other=0)
+                    if EXCHANGE == 1:
+                        _send(blocks, block_offs, ok, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
+                tl.store(bt_ptr + r * stride_bt + c0 + cols, blocks, mask=ok)
         else:
             tl.store(slot_ptr + r, -1)
             tl.store(lens_ptr + r, 0)
+        if EXCHANGE > 0:
+            _end_call(epoch_ptr, done_ptr, call)
+
+
+RING = 4  # slots of DecodeGraphs' host rings (see there)
 
 
 class DecodeGraphs:
@@ -120,8 +178,15 @@ class DecodeGraphs:
     (ParallelLMHead.can_pick: always alone, up to greedy.MAX_PROGRAMS rows under tensor
     parallelism), each row's greedy id picked from the shards (greedy.py): a greedy step then
     needs nothing more, and the whole logits are gathered after the replay only for a step
-    that samples or returns them. A step's inputs reach the static buffers in one kernel from
-    its packed ints, which the graph's first kernel then reads."""
+    that samples or returns them.
+
+    Nothing is copied between host and device around a replay. Rank 0 packs a step's ints into
+    a slot of a pinned staging ring (`claim`), the input kernel (`_Buffers.fill`) reads them from
+    there (and under tensor parallelism sends them on to the workers' input kernels), and the
+    greedy kernel writes the ids into the same slot of a pinned ring of ids, which the engine
+    reads once the step is done. A slot is written again RING steps later: by then the host has
+    read that step's ids (it reads each decode step's before launching the second after it),
+    so its GPU work, and the kernels that read the slot, are done."""
 
     def __init__(self, model: LlamaForCausalLM, max_batch_size: int, max_blocks: int, device: torch.device):
         self.model = model
@@ -142,35 +207,67 @@ class DecodeGraphs:
                 seq_lens=torch.zeros(n, **i32),
                 shard_logits=torch.zeros(n, head.shape[0], dtype=head.dtype, device=device),
                 greedy=torch.zeros(n, **i64),
+                host_off=torch.zeros(1, **i64),
             )
-        empty = PackedStep([STEP, 0, 0, 1, 0, 0, 1, 0, 0, 0], self.buf.ids)  # every row padding
-        for ids_from in (None, self.buf.ids):  # compiled now, not in the first request's step
-            self.buf.fill(dataclasses.replace(empty, ids_from=ids_from), n)
+        self.host_ids = torch.zeros(RING, n, dtype=torch.int64, pin_memory=True)
+        self.staging = torch.zeros(RING, n * (6 + max_blocks) + 1, dtype=torch.int64, pin_memory=True)
+        self.next_slot = 0
+        self._compile_fill(n)
         self.graphs = capture_graphs(self.sizes, self._forward, device)  # captured with the padding values
+
+    def _compile_fill(self, n: int) -> None:
+        """The input kernel's variants compiled now, not in the first request's step: every row
+        padding. Under tensor parallelism each rank makes two ll calls of its own kind, as many
+        as every other rank, so the call counters stay in step."""
+        empty = PackedStep([STEP, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0], self.buf.ids)
+        staged = PackedStep([STEP, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0], None, host=self.buf.ids)
+        for step in (empty, staged):
+            for ids_from in (None, self.buf.ids if tp_rank() == 0 else None):
+                self.buf.fill(dataclasses.replace(step, ids_from=ids_from), n, 0)
 
     def _forward(self, bs: int) -> None:
         b = self.buf
         hidden = self.model(b.ids[:bs], b.positions[:bs], b.meta(bs))
         shard = self.model.lm_head.shard_logits(hidden, out=b.shard_logits[:bs])
         if self.picks[bs]:
-            self.model.lm_head.greedy(shard, out=b.greedy[:bs])
+            self.model.lm_head.greedy(shard, out=b.greedy[:bs], host=(self.host_ids.data_ptr(), b.host_off))
 
-    def can_run(self, step: PackedStep) -> bool:
+    def covers(self, tokens: int, seqs: int, width: int, num_logits: int, image_rows: int, max_q_len: int) -> bool:
         """Whether a step is a pure decode a graph covers: q_len 1 everywhere, every row
         sampling, no image rows, and within the captured batch and block-table sizes."""
-        _, tokens, seqs, width, num_logits, image_rows, max_q_len = step.header[:7]
         return (max_q_len == 1 and not image_rows and num_logits == tokens == seqs and tokens <= self.sizes[-1]
                 and width <= self.max_blocks)
 
-    def run(self, step: PackedStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def can_run(self, step: PackedStep) -> bool:
+        return self.covers(*step.header[1:7])
+
+    def claim(self, tokens: int, width: int) -> tuple[int, torch.Tensor | None]:
+        """Rank 0, for a step the graphs cover: its slot of the host rings, and the pinned memory
+        to stage its ints in, or None where they cannot travel in the input kernel (under tensor
+        parallelism: more rows than programs that may wait on the exchange, or ints past its buffer)."""
+        slot = self.next_slot % RING
+        self.next_slot += 1
+        if tp_size() > 1:
+            ll = ll_exchange()
+            length = tokens * (6 + width) + 1
+            if ll is None or pick_batch_size(self.sizes, tokens) > MAX_PROGRAMS or 2 * length > ll.max_bytes // 4:
+                return slot, None
+        return slot, self.staging[slot]
+
+    def run(self, step: PackedStep) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(this rank's shard of the logits [B, shard], the greedy ids [B] or None where the size
-        does not pick them): views of the static outputs, valid until the next replay."""
+        does not pick them, and on rank 0 their copy in pinned host memory, valid once the step is
+        done): views of the static outputs, valid until the next replay (the host's until RING
+        steps later)."""
         n = step.header[1]
         bs = pick_batch_size(self.sizes, n)
+        slot = step.slot if step.slot is not None else 0  # a worker's ids are not read
         b = self.buf
-        b.fill(step, bs)
+        b.fill(step, bs, slot * self.host_ids.shape[1])
         self.graphs[bs].replay()
-        return b.shard_logits[:n], (b.greedy[:n] if self.picks[bs] else None)
+        if not self.picks[bs]:
+            return b.shard_logits[:n], None, None
+        return b.shard_logits[:n], b.greedy[:n], (self.host_ids[slot, :n] if step.slot is not None else None)
 
 
 SHORT_PREFILL_SIZES = (16, 32, 64)  # one sequence's new tokens (a follow-up turn after a prefix-cache hit)

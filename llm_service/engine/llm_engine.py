@@ -184,8 +184,11 @@ class LLMEngine:
         logits = out.full.clone() if wants_logits else None
         if self.device.type != "cuda":
             return _Launched(sampling, tokens, tokens, None, logits)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+        if tokens is out.greedy and out.host_greedy is not None:  # the graph wrote them home itself
+            host = out.host_greedy
+        else:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         return _Launched(sampling, tokens, host, event, logits)

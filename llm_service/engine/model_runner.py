@@ -31,11 +31,13 @@ from vision_service.staging import PinnedStaging
 class StepLogits:
     """A step's outcome for its sampling rows, in batch order: float32 logits over the whole
     vocabulary unless a decode graph picked the greedy ids and the step did not ask for them
-    (PackedStep.need_logits), and those ids (int64 [B]) where the graph picked them. Views of a
-    graph's static outputs are valid until its next replay."""
+    (PackedStep.need_logits), and those ids (int64 [B]) where the graph picked them, on rank 0
+    also in pinned host memory (`host_greedy`, valid once the step is done). Views of a graph's
+    static outputs are valid until its next replay."""
 
     full: torch.Tensor | None
     greedy: torch.Tensor | None
+    host_greedy: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -148,10 +150,16 @@ class ModelRunner:
         width = max(len(item.seq.block_table) for item in batch)
         tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in batch]
         rows = self.stage_rows.to_device(image_rows, self.device, self.dtype) if image_rows else None
+        slot = pinned = None  # a step a decode graph will replay: its host slot and staging (DecodeGraphs)
+        max_q_len = max(item.num_tokens for item in batch)
+        if self.graphs is not None and self.graphs.covers(len(ids), len(batch), width, len(logits_rows),
+                                                          len(image_index), max_q_len):
+            slot, pinned = self.graphs.claim(len(ids), width)
         step = PackedStep.build(ids, positions, slots, tables, cu, seq_lens, logits_rows, image_index, rows,
-                                need_logits, self.device)
+                                need_logits, self.device, pinned)
+        step.slot = slot
         if input_ids is not None:
-            if tp_size() > 1:
+            if step.ints is not None and tp_size() > 1:  # the workers' copy travels in the ints
                 step.ints[: len(ids)].copy_(input_ids)
             else:
                 step.ids_from = input_ids
@@ -169,10 +177,10 @@ class ModelRunner:
     def forward(self, packed: PackedStep) -> StepLogits:
         """Every rank: the model over the step's tokens and the LM head."""
         if self.graphs is not None and self.graphs.can_run(packed):
-            shard, greedy = self.graphs.run(packed)
+            shard, greedy, host = self.graphs.run(packed)
             if greedy is not None and not packed.need_logits:
-                return StepLogits(None, greedy)
-            return StepLogits(self.model.lm_head.gather(shard).float(), greedy)
+                return StepLogits(None, greedy, host)
+            return StepLogits(self.model.lm_head.gather(shard).float(), greedy, host)
         return StepLogits(self._forward(packed.unpack()), None)
 
     def _forward(self, step: StepInputs) -> torch.Tensor:

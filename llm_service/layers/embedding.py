@@ -85,7 +85,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         """Whether `greedy` takes `rows` rows (the same answer on every rank)."""
         return can_pick_greedy(rows, self.weight.device)
 
-    def greedy(self, shard: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def greedy(self, shard: torch.Tensor, out: torch.Tensor | None = None,
+               host: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
         """The argmax of each row of the gathered logits, from every rank's `shard_logits` (where
-        `can_pick`): the ids of a greedy step without gathering the rows."""
-        return greedy_ids(shard, self.start, min(self.shard, self.vocab_size - self.start), out)
+        `can_pick`): the ids of a greedy step without gathering the rows (host: greedy.argmax's)."""
+        return greedy_ids(shard, self.start, min(self.shard, self.vocab_size - self.start), out, host)
