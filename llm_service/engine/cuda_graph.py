@@ -110,7 +110,7 @@ if triton is not None:
         lo = tl.sum(tl.where(k == 2 * field, words, 0).to(tl.int64)) & 0xFFFFFFFF
         return lo | (tl.sum(tl.where(k == 2 * field + 1, words, 0).to(tl.int64)) << 32)
 
-    @triton.jit(do_not_specialize=["n", "width", "pos_at", "slot_at", "table_at", "lens_at", "host_off"])
+    @triton.jit(do_not_specialize=["src_addr", "n", "width", "pos_at", "slot_at", "table_at", "lens_at", "host_off"])
     def _decode_inputs_kernel(src_addr, ids_from_ptr, ids_ptr, pos_ptr, slot_ptr, lens_ptr, bt_ptr, host_off_ptr,
                               n, width, pos_at, slot_at, table_at, lens_at, stride_bt, host_off,
                               ptrs_ptr, epoch_ptr, done_ptr, rank,
@@ -135,19 +135,8 @@ if triton is not None:
             at = tl.where(field == 0, r, tl.where(field == 1, pos_at + r, tl.where(field == 2, slot_at + r,
                                                                                     lens_at + r)))
             offs = 2 * at + k % 2
-            if EXCHANGE == 2:
-                words = _receive(offs, k < 8, table, half, flag, rank, 0, WORLD, WORLD_P2, MAX_WORDS)
-            else:
-                words = tl.load(words_ptr + offs)
-                if IDS_FROM:
-                    mine = tl.load(ids_from_ptr.to(tl.pointer_type(tl.int32)) + 2 * r + k, mask=k < 2, other=0)
-                    words = tl.where(k < 2, mine, words)
-                if EXCHANGE == 1:
-                    _send(words, offs, k < 8, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
-            tl.store(ids_ptr + r, _int64s(words, k, 0))
-            tl.store(pos_ptr + r, _int64s(words, k, 1))
-            tl.store(slot_ptr + r, _int64s(words, k, 2))
-            tl.store(lens_ptr + r, _int64s(words, k, 3).to(tl.int32))
+            if EXCHANGE != 2:
+                words = tl.load(words_ptr + offs)  # in flight while the block ids load (host memory: a PCIe trip)
             cols = tl.arange(0, BLOCK)
             for c0 in range(0, width, BLOCK):
                 ok = c0 + cols < width
@@ -159,6 +148,18 @@ if triton is not None:
                     if EXCHANGE == 1:
                         _send(blocks, block_offs, ok, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
                 tl.store(bt_ptr + r * stride_bt + c0 + cols, blocks, mask=ok)
+            if EXCHANGE == 2:
+                words = _receive(offs, k < 8, table, half, flag, rank, 0, WORLD, WORLD_P2, MAX_WORDS)
+            else:
+                if IDS_FROM:
+                    mine = tl.load(ids_from_ptr.to(tl.pointer_type(tl.int32)) + 2 * r + k, mask=k < 2, other=0)
+                    words = tl.where(k < 2, mine, words)
+                if EXCHANGE == 1:
+                    _send(words, offs, k < 8, table, half, flag, rank, WORLD, WORLD_P2, MAX_WORDS)
+            tl.store(ids_ptr + r, _int64s(words, k, 0))
+            tl.store(pos_ptr + r, _int64s(words, k, 1))
+            tl.store(slot_ptr + r, _int64s(words, k, 2))
+            tl.store(lens_ptr + r, _int64s(words, k, 3).to(tl.int32))
         else:
             tl.store(slot_ptr + r, -1)
             tl.store(lens_ptr + r, 0)
@@ -210,7 +211,8 @@ class DecodeGraphs:
                 host_off=torch.zeros(1, **i64),
             )
         self.host_ids = torch.zeros(RING, n, dtype=torch.int64, pin_memory=True)
-        self.staging = torch.zeros(RING, n * (6 + max_blocks) + 1, dtype=torch.int64, pin_memory=True)
+        length = -(-(n * (6 + max_blocks) + 1) // 16) * 16  # the longest staged step's ints; slots 128-byte aligned
+        self.staging = torch.zeros(RING, length, dtype=torch.int64, pin_memory=True)
         self.next_slot = 0
         self._compile_fill(n)
         self.graphs = capture_graphs(self.sizes, self._forward, device)  # captured with the padding values
