@@ -22,7 +22,9 @@ names the tensor so sent), so they cross NVLink while that GEMV still runs, and 
 receives. The buffer argument holds for those sends too: the GEMV sends after its PDL wait, when
 the call before has finished on this rank. And it gathers instead of summing in
 `all_gather_last_dim` (a decode step's vocab-parallel logits), one launch where NCCL's all-gather
-and a concatenation took two.
+and a concatenation took two. Other modules make calls of their own over the same buffers and
+counter (`exchange_args`): greedy.py trades each row's best (value, index), and the decode graphs'
+input kernel hands a step's ints from rank 0 to the others (engine/cuda_graph.py).
 
 PDL: the kernels launch with programmatic dependent launch (layers/pdl.py), like the kernels
 around them. Each program first lets the next kernel launch (a GEMV then streams its first weight
