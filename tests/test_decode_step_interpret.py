@@ -55,7 +55,8 @@ def _alone(gen) -> list[bool]:
         x[1, [16390, 16391]] = 50.0  # only past the first load
         x[2] = float("-inf")
         x[3, 5000], x[3, 9000] = 80.0, float("nan")
-        oks.append(_report(f"argmax ties, -inf and NaN {dtype}", torch.equal(argmax(x, 0, 20000), x.float().argmax(-1))))
+        oks.append(_report(f"argmax ties, -inf and NaN {dtype}",
+                           torch.equal(argmax(x, 0, 20000), x.float().argmax(-1))))
         ring, off = torch.full((3, 8), -1), torch.tensor([8])  # the ids also into ring row 1
         got = argmax(x, 0, 20000, host=(ring.data_ptr(), off))
         oks.append(_report(f"argmax into host memory at the device-held offset {dtype}",

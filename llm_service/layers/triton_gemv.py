@@ -143,8 +143,8 @@ if AVAILABLE:
         y_ptrs = y_ptr + rm_out[:, None] * stride_ym + rn[None, :]
         tl.store(y_ptrs, acc.to(DT), mask=(rm_out[:, None] < M) & n_ok[None, :])
         if SEND:
-            send_partials(acc.to(DT), rm_out, rn, tl.program_id(0), M, N, ptrs_ptr, epoch_ptr, rank, WORLD, WORLD_P2, MAX_WORDS,
-                          BLOCK_M, BLOCK_N, DT == tl.bfloat16)
+            send_partials(acc.to(DT), rm_out, rn, tl.program_id(0), M, N, ptrs_ptr, epoch_ptr, rank, WORLD,
+                          WORLD_P2, MAX_WORDS, BLOCK_M, BLOCK_N, DT == tl.bfloat16)
 
     @triton.jit
     def _qkv_rope_kernel(
