@@ -106,16 +106,22 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def ll_exchange():
+    """The barrier-free exchange (an ll_allreduce.LLAllReduce) under tensor parallelism, where set
+    up; None alone or without it."""
+    return None if _TP.size == 1 or _TP.fast is None else _TP.fast.ll
+
+
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                         eps: float) -> torch.Tensor | None:
     """all_reduce(x), residual += x, RMSNorm(residual) * weight as one kernel (without a residual:
     RMSNorm(x) of the summed x), when the barrier-free path (PRISM_ALLREDUCE=ll) is set up and x
     is a decode-sized [rows, hidden]; None otherwise (the caller does the steps). Same answer on
     every rank."""
-    fast = _TP.fast
-    if _TP.size == 1 or fast is None or fast.ll is None or not fast.ll.fits_rms_norm(x, residual):
+    ll = ll_exchange()
+    if ll is None or not ll.fits_rms_norm(x, residual):
         return None
-    return fast.ll.reduce_rms_norm_(x, residual, weight, eps)
+    return ll.reduce_rms_norm_(x, residual, weight, eps)
 
 
 def partial_sender(rows: int, hidden: int, dtype: torch.dtype):
@@ -123,28 +129,20 @@ def partial_sender(rows: int, hidden: int, dtype: torch.dtype):
     layer's (or the vocab shard embedding's) [rows, hidden] partial sums through it
     (`all_reduce_rms_norm`), so that the kernel making them can send them itself
     (triton_gemv.gemv's and triton_fused.embedding's `send`); None otherwise."""
-    fast = _TP.fast
-    if _TP.size == 1 or fast is None or fast.ll is None or not fast.ll.fits_norm_rows(rows, hidden, dtype):
-        return None
-    return fast.ll
+    ll = ll_exchange()
+    return ll if ll is not None and ll.fits_norm_rows(rows, hidden, dtype) else None
 
 
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's shard of the last dimension (vocab-parallel logits)."""
     if _TP.size == 1:
         return x
-    fast = _TP.fast
-    if fast is not None and fast.ll is not None and fast.ll.fits_gather(x):  # decode's few rows: one launch
-        return fast.ll.all_gather_last_dim(x)
+    ll = ll_exchange()
+    if ll is not None and ll.fits_gather(x):  # decode's few rows: one launch
+        return ll.all_gather_last_dim(x)
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=-1)
-
-
-def ll_exchange():
-    """The barrier-free exchange (an ll_allreduce.LLAllReduce) under tensor parallelism, where set
-    up; None alone or without it."""
-    return None if _TP.size == 1 or _TP.fast is None else _TP.fast.ll
 
 
 def can_pick_greedy(rows: int, device: torch.device) -> bool:

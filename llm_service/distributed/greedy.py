@@ -30,7 +30,8 @@ MAX_BLOCK = 16384  # logits a program loads at once: a tp=2 shard of a 32k vocab
 
 
 if AVAILABLE:
-    from llm_service.distributed.ll_allreduce import MAX_PROGRAMS, _call_flag, _end_call, _receive, _send, _table
+    from llm_service.distributed.ll_allreduce import (ALONE, MAX_PROGRAMS, _call_flag, _end_call, _receive, _send,
+                                                      _table)
 
     @triton.jit
     def _first_max(x_ptr, valid, BLOCK: tl.constexpr):
@@ -113,7 +114,7 @@ def argmax(logits: torch.Tensor, start: int, valid: int, ll=None, out: torch.Ten
     if rows == 0:
         return out
     if ll is None:
-        args, consts = (logits, logits, logits, 0), dict(WORLD=1, WORLD_P2=1, MAX_WORDS=1)
+        args, consts = (logits, logits, logits, 0), ALONE
     else:
         args, consts = ll.exchange_args()
     host_addr, host_off = host if host is not None else (0, out)

@@ -61,6 +61,7 @@ BLOCK = 1024  # 4-byte words per program
 MAX_PROGRAMS = 128  # every program of both ranks resident at once: no spin waits on an unscheduled one
 MAX_NORM_ROWS = 8  # the fused all-reduce + RMSNorm: decode batches of the GEMV's size, a program a row
 NORM_ROW_BYTES = 16384  # hidden sizes up to 8192 in bf16 (4096 in fp32)
+ALONE = dict(WORLD=1, WORLD_P2=1, MAX_WORDS=1)  # the constexprs of a kernel that makes no ll call
 
 
 if AVAILABLE:

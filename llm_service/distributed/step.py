@@ -82,6 +82,11 @@ class StepInputs:
     image_rows: torch.Tensor | None = None  # [R, hidden] in the model's dtype
 
 
+def _sections(tokens: int, seqs: int, width: int, logits_rows: int, image_rows: int) -> list[int]:
+    """The lengths of PackedStep.ints' sections, in order."""
+    return [tokens, tokens, tokens, seqs * width, seqs + 1, seqs, logits_rows, image_rows]
+
+
 @dataclass
 class PackedStep:
     """header = [kind, tokens, seqs, table width, logits rows, image rows, max_q_len, num_decodes,
@@ -145,8 +150,12 @@ class PackedStep:
 
     def sizes(self) -> list[int]:
         """The lengths of the sections of `ints`, in order (see its comment)."""
-        _, t, b, width, n_logits, n_rows = self.header[:6]
-        return [t, t, t, b * width, b + 1, b, n_logits, n_rows]
+        return _sections(*self.header[1:6])
+
+    @staticmethod
+    def decode_length(rows: int, width: int) -> int:
+        """len(ints) of a decode step of `rows` sequences, each sampling, over `width` blocks."""
+        return sum(_sections(rows, rows, width, rows, 0))
 
     def unpack(self) -> StepInputs:
         if self.ints is None:

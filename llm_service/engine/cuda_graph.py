@@ -3,9 +3,9 @@
 A decode step of a 7B model is a few hundred small kernels; launched one by one from Python
 they cost more host time than the GPU needs at small batches. Pure decode steps (every
 sequence q_len 1, no image rows) are therefore captured once per batch size of a ladder and
-replayed: the step's tensors are copied into static buffers, the rows past the batch are
-padding (slot -1: nothing stored; seq_len 0: attention gives zeros) and the smallest
-captured size that holds the batch replays. PrefillGraphs does the same for prefill and mixed
+replayed: one kernel writes the step's ints into static buffers (DecodeGraphs says from where),
+the rows past the batch are padding (slot -1: nothing stored; seq_len 0: attention gives zeros)
+and the smallest captured size that holds the batch replays. PrefillGraphs does the same for prefill and mixed
 steps (up to 16 prompts beside the running decodes) over a ladder of token counts. A step that
 fits no graph runs eagerly.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_service.distributed import ll_exchange, tp_rank, tp_size
-from llm_service.distributed.ll_allreduce import MAX_PROGRAMS
+from llm_service.distributed.ll_allreduce import ALONE, MAX_PROGRAMS
 from llm_service.distributed.step import STEP, PackedStep
 
 from llm_service.layers.attention import AttentionMetadata
@@ -86,8 +86,7 @@ class _Buffers:
             (ptrs, epoch, done, rank), consts = ll.exchange_args()
             exchange = 1 if rank == 0 else 2
         else:
-            (ptrs, epoch, done, rank), consts = (self.ids, self.ids, self.ids, 0), dict(WORLD=1, WORLD_P2=1,
-                                                                                       MAX_WORDS=1)
+            (ptrs, epoch, done, rank), consts = (self.ids, self.ids, self.ids, 0), ALONE
             exchange = 0
         src = step.host if step.staged else step.ints
         src = self.ids if src is None else src  # a worker's staged step: read from the packets instead
@@ -211,7 +210,7 @@ class DecodeGraphs:
                 host_off=torch.zeros(1, **i64),
             )
         self.host_ids = torch.zeros(RING, n, dtype=torch.int64, pin_memory=True)
-        length = -(-(n * (6 + max_blocks) + 1) // 16) * 16  # the longest staged step's ints; slots 128-byte aligned
+        length = -(-PackedStep.decode_length(n, max_blocks) // 16) * 16  # the longest; slots 128-byte aligned
         self.staging = torch.zeros(RING, length, dtype=torch.int64, pin_memory=True)
         self.next_slot = 0
         self._compile_fill(n)
@@ -251,8 +250,8 @@ class DecodeGraphs:
         self.next_slot += 1
         if tp_size() > 1:
             ll = ll_exchange()
-            length = tokens * (6 + width) + 1
-            if ll is None or pick_batch_size(self.sizes, tokens) > MAX_PROGRAMS or 2 * length > ll.max_bytes // 4:
+            words = 2 * PackedStep.decode_length(tokens, width)
+            if ll is None or pick_batch_size(self.sizes, tokens) > MAX_PROGRAMS or words > ll.max_bytes // 4:
                 return slot, None
         return slot, self.staging[slot]
 

@@ -112,10 +112,11 @@ class ModelRunner:
 
     def prepare(self, batch: list[Scheduled], input_ids: torch.Tensor | None = None,
                 need_logits: bool = True) -> PackedStep:
-        """Rank 0, host side: the step's tensors, packed and copied to the device.
-        `input_ids` (int64 [T], on the device): the ids of a decode-only batch whose last
-        ids are not on the host yet (the previous step's samples): copied in on the device for
-        the workers, alone read from where they are. need_logits: see PackedStep."""
+        """Rank 0, host side: the step's tensors, packed and copied to the device (or, for a step
+        a decode graph replays, staged in its pinned ring: DecodeGraphs). `input_ids` (int64 [T],
+        on the device): the ids of a decode-only batch whose last ids are not on the host yet
+        (the previous step's samples): copied into the device ints where those travel to the
+        workers, else read from where they are. need_logits: see PackedStep."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []

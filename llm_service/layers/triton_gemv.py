@@ -41,7 +41,7 @@ EPILOGUE_ROWS = 1
 
 
 if AVAILABLE:
-    from llm_service.distributed.ll_allreduce import send_partials
+    from llm_service.distributed.ll_allreduce import ALONE, send_partials
     from llm_service.layers.triton_attention import _cache_strides, _rotate
     from llm_service.layers.triton_fused import silu_mul
 
@@ -269,7 +269,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
             raise ValueError("gemv: sending bf16 partial sums needs an even block_n")
         (ptrs, epoch, rank), consts = send.send_args()
     else:
-        (ptrs, epoch, rank), consts = (y, y, 0), dict(WORLD=1, WORLD_P2=1, MAX_WORDS=1)
+        (ptrs, epoch, rank), consts = (y, y, 0), ALONE
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
         ptrs, epoch, rank, HAS_BIAS=bias is not None, GATED=gated, SEND=send is not None, BLOCK_M=block_m,
