@@ -20,7 +20,7 @@ times it with other one-row GEMV tiles for the projections of that K (rows a pro
 warps, stages; `+` joins several): in the model, where PDL overlaps each GEMV's first slice with
 the kernel before it, the best tiles need not be bench/gemv.py's.
 
-    python bench/tp_decode.py [--configs tp1,half,tp2,half-no-attention] [--prompt 640] [--steps 256]
+    python bench/tp_decode.py [--configs tp1,half,tp2,half-no-attention] [--prompt 640] [--steps 256] [--session 2048]
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def run_config(name: str, args, root: Path) -> dict:
 
 def _run(heads: int, mlp: int, vocab: int, tp: int, args, root: Path, name: str) -> dict:
     path = build(root / f"h{heads}_m{mlp}_v{vocab}_l{args.layers}", args.layers, vocab, heads, mlp)
-    config = PytorchEngineConfig(tp=tp, session_len=args.prompt + args.steps + args.profile_steps + 64,
+    config = PytorchEngineConfig(tp=tp, session_len=max(args.session, args.prompt + args.steps + args.profile_steps + 64),
                                  max_batch_size=8, max_prefill_token_num=1024, cache_max_entry_count=0.2)
     engine = LLMEngine(str(path), config)
     try:
@@ -205,6 +205,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=640)
     ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--session", type=int, default=2048,
+                    help="session_len: the block table's width, which sets attention's split count (W1's 2048)")
     ap.add_argument("--profile-steps", type=int, default=32)
     ap.add_argument("--ckpt-root", type=Path, default=Path("/tmp/prism-tp-decode"))
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/prism-tp-decode/out"))

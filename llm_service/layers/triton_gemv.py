@@ -10,7 +10,14 @@ One row of x: each K slice is multiplied and summed in fp32 right away (a few ro
 wide slice per program measured best); 2..8 rows use tl.dot (IEEE for fp32, so fp32 models
 stay exact to fp32 rounding). Under programmatic dependent launch (pdl.py) each program
 loads its first K slice of W before waiting for the previous kernel, so the weight stream
-starts while that kernel finishes.
+starts while that kernel finishes; not the MLP's gate_up (`gated`), whose first wave would
+load ~17 MB (tp=2) while the all-reduce + norm before it waits on its own few loads (2x H200,
+`bench/tp_decode.py`: 13 us a step faster at tp=2 without that prefetch).
+
+W is read with L2's evict-first policy: a decode step streams every weight through L2 once
+(~13 GB at 7B, half of it a rank at tp=2), which under the default policy evicts what the next
+kernels read again at once (the residual, activations, the KV cache's recent pages): ~65 us a
+tp=2 step and ~50 a tp=1 step faster on 2x H200 (`bench/RESULTS.md`, eleventh session).
 
 Fused epilogues (two launches fewer per decoder layer at decode): `gemv(..., gated=True)` is
 the MLP's gate_up projection followed by SiLU(gate) * up, a program summing gate row j and up
@@ -61,29 +68,34 @@ if AVAILABLE:
 
     @triton.jit
     def _w_slice(w_ptrs, u_ptrs, k0, mask, TWO: tl.constexpr):
-        """The K slice at k0 of W's rows (and with TWO of the second rows; else the first again)."""
-        w = tl.load(w_ptrs + k0, mask=mask, other=0.0)
+        """The K slice at k0 of W's rows (and with TWO of the second rows; else the first again),
+        evicted from L2 first (module docstring)."""
+        w = tl.load(w_ptrs + k0, mask=mask, other=0.0, eviction_policy="evict_first")
         u = w
         if TWO:
-            u = tl.load(u_ptrs + k0, mask=mask, other=0.0)
+            u = tl.load(u_ptrs + k0, mask=mask, other=0.0, eviction_policy="evict_first")
         return w, u
 
     @triton.jit
     def _project(
         x_ptr, w_ptr, b_ptr, rows, rows2, n_ok, M, K, stride_xm, stride_wn,
-        HAS_BIAS: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+        HAS_BIAS: tl.constexpr, TWO: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """fp32 x W^T (+ b) [BLOCK_M, BLOCK_N] for W's rows `rows` (BLOCK_N of them, `n_ok` the real
         ones); with TWO also for the rows `rows2`, summed exactly as those are, so a fused epilogue
-        starts from the plain GEMV's sums of both. The first K slice of W streams in before the PDL
-        wait: weights are never written by a kernel."""
+        starts from the plain GEMV's sums of both. EARLY: the first K slice of W streams in before
+        the PDL wait (weights are never written by a kernel); else after it."""
         rk = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + rk[None, :]
         u_ptrs = w_ptr + rows2[:, None].to(tl.int64) * stride_wn + rk[None, :]
-        w, u = _w_slice(w_ptrs, u_ptrs, 0, n_ok[:, None] & (rk < K)[None, :], TWO)
+        first_ok = n_ok[:, None] & (rk < K)[None, :]
+        if EARLY:
+            w, u = _w_slice(w_ptrs, u_ptrs, 0, first_ok, TWO)
         if PDL:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+        if not EARLY:
+            w, u = _w_slice(w_ptrs, u_ptrs, 0, first_ok, TWO)
         if BLOCK_M == 1:
             x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
             acc1 = _row_dot(x, w)
@@ -127,7 +139,8 @@ if AVAILABLE:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """y = x W^T (+ b). GATED: W (and b) stack [gate; up], N rows each, and y = silu(gate) * up
-        with gate and up first rounded to y's dtype, as silu_and_mul of the plain GEMV's output.
+        with gate and up first rounded to y's dtype, as silu_and_mul of the plain GEMV's output
+        (and no W slice before the PDL wait: module docstring).
         SEND: y is a row-parallel layer's partial sums; its tile also goes to the other ranks as
         the next ll all-reduce's packets (ll_allreduce.send_partials; y contiguous)."""
         if PDL:
@@ -135,7 +148,7 @@ if AVAILABLE:
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         acc, up = _project(x_ptr, w_ptr, b_ptr, rn, rn + N, n_ok, M, K, stride_xm, stride_wn,
-                           HAS_BIAS, GATED, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
+                           HAS_BIAS, GATED, IEEE, PDL, not GATED, BLOCK_M, BLOCK_N, BLOCK_K)
         DT = y_ptr.dtype.element_ty
         if GATED:
             acc = silu_mul(acc.to(DT).to(tl.float32), up.to(DT).to(tl.float32), DT)
@@ -166,7 +179,7 @@ if AVAILABLE:
         head, d = p // HALF, p % HALF
         lo_row = head * 2 * HALF + d  # W's row for column d of the head; d + HALF is lo_row + HALF
         lo, hi = _project(x_ptr, w_ptr, b_ptr, lo_row, lo_row + HALF, p_ok, M, K, stride_xm, stride_wn,
-                          HAS_BIAS, True, IEEE, PDL, BLOCK_M, BLOCK_N, BLOCK_K)
+                          HAS_BIAS, True, IEEE, PDL, True, BLOCK_M, BLOCK_N, BLOCK_K)
         OUT = q_ptr.dtype.element_ty  # the GEMV's output dtype (x's), which rope_store would read
         DT = kc_ptr.dtype.element_ty
         lo, hi = lo.to(OUT), hi.to(OUT)
