@@ -414,7 +414,7 @@ def run_timings(res: dict) -> None:
     y = torch.empty_like(x)
     copy_us = graph_time_us([lambda: y.copy_(x)], reps=10)
     res["copy_GBps"] = 2 * x.numel() / copy_us / 1e3
-    del x, y
+    x = y = None
     print(f"device copy: {res['copy_GBps']:.0f} GB/s (read + write)", flush=True)
 
     for bs in (1, 32, 256):
@@ -430,7 +430,7 @@ def run_timings(res: dict) -> None:
                     row["vs_naive_rel"] = ((out.float() - nv.float()).norm() / nv.float().norm()).item()
                     row["naive_us"] = time_naive(s)
                     row["splits"] = ta._num_splits(bs, 32, ctx, 64, ta._sm_count(torch.device("cuda")))
-                del s
+                s = None
                 torch.cuda.empty_cache()
             res["decode"].append(row)
             print(row, flush=True)
@@ -479,7 +479,7 @@ def time_w13(res: dict) -> None:
                    dict(block_n=bn, num_splits=n, num_warps=w) for bn in (16, 32) for n in (16, 32, 64)
                    for w in (2, 4)):
         attempt(f"{name} {kn}", lambda: row(name, s, ref, ta._split_k, 1, **kn))
-    del s
+    s = None
     for n in (16, 32):
         s = prefill_setup(n, 780)
         _, _, chunks = ta._split_rows(1, n)
@@ -492,7 +492,7 @@ def time_w13(res: dict) -> None:
                    dict(fold=True, use_pdl=True), dict(fold=True, use_pdl=True, early=False)) + tuple(
                        dict(fold=True, use_pdl=True, num_splits=k) for k in (2, 4, 8, 16, 32)):
             attempt(f"{name} {kn}", lambda: row(name, s, ref, ta._split_k, n, **kn))
-        del s
+        s = None
     torch.cuda.empty_cache()
 
 
@@ -523,7 +523,7 @@ def sweep_decode(res: dict, gbs) -> None:
 
         for kn in variants + [dict(num_splits=n) for n in sorted(more)]:
             attempt(f"sweep bs={bs} ctx={ctx} {kn}", lambda: one(kn))
-        del s, ref
+        s = ref = None
         torch.cuda.empty_cache()
 
 
@@ -539,7 +539,7 @@ def sweep_w2(res: dict, int8: bool, pipe: bool = False) -> None:
             res["w2"].append(dict(bs=bs, ctx=700, knobs="bf16 cache", us=us, GBps=s["bytes"] / us / 1e3))
             print(f"\nW2 decode bs={bs} over a bf16 cache (default): {us:.1f} µs [{res['w2'][-1]['GBps']:.0f} GB/s]",
                   flush=True)
-            del s
+            s = None
         res["w2"] += _sweep_w2_batch(bs, int8, pipe)
         torch.cuda.empty_cache()
 
@@ -595,7 +595,7 @@ def sweep_cc(res: dict) -> None:
         s = decode_setup(bs, 700, 64)
         us = time_decode(s)
         rows = [dict(bs=bs, knobs="bf16 cache", us=us, GBps=s["bytes"] / us / 1e3, rel=0.0)]
-        del s
+        s = None
         s = decode_setup(bs, 700, 64, int8=True)
         ref = decode_out(s, cuda_cores=False).float()
 
@@ -615,7 +615,7 @@ def sweep_cc(res: dict) -> None:
         for r in rows[:3] + sorted(rows[3:], key=lambda r: r["us"])[:5]:
             print(f"  {r['us']:8.1f} [{r['GBps']:5.0f}] rel={r['rel']:.1e}  {r['knobs'] or 'default'}", flush=True)
         res["cc"] += rows
-        del s
+        s = None
         torch.cuda.empty_cache()
 
 
@@ -676,7 +676,7 @@ def sweep_prefill(res: dict) -> None:
                   "[TFLOP/s], default then the best five:", flush=True)
             for r in rows[:1] + sorted(rows[1:], key=lambda r: r["us"])[:5]:
                 print(f"  {r['us']:8.1f} [{r['tflops']:4.0f}] rel={r['rel']:.1e}  {r['knobs'] or 'default'}", flush=True)
-        del kc, vc, k8, v8
+        kc = vc = k8 = v8 = None
         torch.cuda.empty_cache()
 
 
@@ -686,7 +686,7 @@ def time_other(res: dict, gbs) -> None:
     us = time_decode(s)
     res["other"].append(dict(name="decode GQA 28/4 bs=32 ctx=1024 page=64", us=us, GBps=gbs(s, us),
                              naive_us=time_naive(s)))
-    del s
+    s = None
     variants = [dict(), dict(block_m=128, num_warps=8), dict(block_m=128, num_warps=8, num_stages=3),
                 dict(block_m=128, block_n=128, num_warps=8), dict(num_stages=3), dict(block_m=128, block_n=32)]
     for prefix, n in ((0, 2048), (2048, 512)):
