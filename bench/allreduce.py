@@ -235,8 +235,7 @@ def _check_embedding_norm(c: Checks, fast, rank: int, device) -> None:
             w = _inputs((4096,), dtype, 0, 131, device) * 0.1 + 1
             want_x = _nccl(embedding(ids, weight, rank * 500))
             want = rms_norm(want_x, w, EPS)
-            x = embedding(ids, weight, rank * 500, send=fast.ll)
-            fast.ll.pending = x
+            x = embedding(ids, weight, rank * 500, send=fast.ll)  # pending: the norm only receives
             got = fast.ll.reduce_rms_norm_(x, None, w, EPS)
             name = f"embedding sent, norm without residual {rows}x4096 {dtype}"
             c.exact(f"{name}: the summed rows", x, want_x)
@@ -268,8 +267,7 @@ def _check_pdl_chain(c: Checks, fast, rank: int, device) -> None:
         h = h0
         for i in range(16):  # in the graph every other GEMV sends its partial sums itself
             sender = fast.ll if i % 2 and not one_at_a_time else None
-            x = launch(gemv, h, ws[i % 4], send=sender)
-            fast.ll.pending = x if sender is not None else None
+            x = launch(gemv, h, ws[i % 4], send=sender)  # sent: pending, the norm only receives
             h = launch(fast.ll.reduce_rms_norm_, x, res, w, EPS)
         return launch(fast.ll.all_gather_last_dim, launch(gemv, h, head))
 
@@ -314,8 +312,7 @@ def _check_norm(c: Checks, fast, rank: int, device) -> None:
             h = _inputs((rows, 1024), dtype, rank, 40 + rows, device)
             wt = _inputs((4096, 1024), dtype, rank, 41, device) * 0.05
             plain = gemv(h, wt)
-            sent = gemv(h, wt, send=fast.ll)
-            fast.ll.pending = sent
+            sent = gemv(h, wt, send=fast.ll)  # pending: the norm only receives
             sent_res, plain_res = res.clone(), res.clone()
             got_sent = fast.ll.reduce_rms_norm_(sent, sent_res, w, EPS)
             got_plain = fast.ll.reduce_rms_norm_(plain.clone(), plain_res, w, EPS)

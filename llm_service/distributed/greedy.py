@@ -30,8 +30,8 @@ MAX_BLOCK = 16384  # logits a program loads at once: a tp=2 shard of a 32k vocab
 
 
 if AVAILABLE:
-    from llm_service.distributed.ll_allreduce import (ALONE, MAX_PROGRAMS, _call_flag, _end_call, _receive, _send,
-                                                      _table)
+    from llm_service.distributed.ll_allreduce import (MAX_PROGRAMS, _call_flag, _end_call, _receive, _send,
+                                                      _table, exchange_args)
 
     @triton.jit
     def _first_max(x_ptr, valid, BLOCK: tl.constexpr):
@@ -113,10 +113,7 @@ def argmax(logits: torch.Tensor, start: int, valid: int, ll=None, out: torch.Ten
     out = torch.empty(rows, dtype=torch.int64, device=logits.device) if out is None else out
     if rows == 0:
         return out
-    if ll is None:
-        args, consts = (logits, logits, logits, 0), ALONE
-    else:
-        args, consts = ll.exchange_args()
+    args, consts = exchange_args(ll, logits)
     host_addr, host_off = host if host is not None else (0, out)
     block = min(MAX_BLOCK, triton.next_power_of_2(max(valid, 1)))
     _greedy_kernel[(rows,)](logits, out, logits.stride(0), valid, start, *args, host_addr, host_off,

@@ -17,9 +17,9 @@ The same exchange also runs fused with what follows every row-parallel layer of 
 `reduce_rms_norm_` sums a decode batch's rows over the ranks, adds them to the residual and
 normalises, one program a row, in one launch instead of an all-reduce and a norm kernel. Its
 packets need not even wait for it: the GEMV of the row-parallel layer before it sends them as
-each of its programs finishes (`send_partials`, triton_gemv.gemv's `send`; `LLAllReduce.pending`
-names the tensor so sent), so they cross NVLink while that GEMV still runs, and the norm only
-receives. The buffer argument holds for those sends too: the GEMV sends after its PDL wait, when
+each of its programs finishes (`send_partials`, triton_gemv.gemv's `send`; `send_args` records
+the tensor so sent as `LLAllReduce.pending`), so they cross NVLink while that GEMV still runs,
+and the norm only receives. The buffer argument holds for those sends too: the GEMV sends after its PDL wait, when
 the call before has finished on this rank. And it gathers instead of summing in
 `all_gather_last_dim` (a decode step's vocab-parallel logits), one launch where NCCL's all-gather
 and a concatenation took two. Other modules make calls of their own over the same buffers and
@@ -292,7 +292,7 @@ class LLAllReduce:
     rank: int
     world: int
     max_bytes: int
-    # the partial sums whose packets a GEMV has sent (`sends_partials`), until reduce_rms_norm_ takes them
+    # the partial sums whose packets a kernel has sent (`send_args`), until reduce_rms_norm_ takes them
     pending: torch.Tensor | None = None
 
     def _consts(self) -> dict:
@@ -347,16 +347,6 @@ class LLAllReduce:
         """The shape part of `fits_rms_norm`: what a GEMV may send partial sums for."""
         return self._norm_rows(rows, hidden, dtype) and self._fits_size(rows * hidden * dtype.itemsize, dtype)
 
-    def exchange_args(self) -> tuple[tuple, dict]:
-        """What a kernel of another module that makes an ll call of its own passes for it
-        (greedy.argmax): the buffers, the call counter, the finished programs' count, the rank."""
-        self._no_pending()
-        return (self.ptrs, self.epoch, self.done, self.rank), self._consts()
-
-    def send_args(self) -> tuple[tuple, dict]:
-        """What triton_gemv.gemv(..., send=self) passes its kernel for `send_partials`."""
-        return (self.ptrs, self.epoch, self.rank), self._consts()
-
     def reduce_rms_norm_(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                          eps: float) -> torch.Tensor:
         """x summed over the ranks, then residual += x in place; returns RMSNorm(residual) * weight
@@ -377,6 +367,28 @@ class LLAllReduce:
             BLOCK=triton.next_power_of_2(row_words), IS_BF16=x.dtype == torch.bfloat16, ASM=x.is_cuda, num_warps=8,
             **self._consts(), **pdl.launch(x.device))
         return out
+
+
+def exchange_args(ll: LLAllReduce | None, placeholder: torch.Tensor) -> tuple[tuple, dict]:
+    """What a kernel of another module that may make an ll call of its own passes for it
+    (greedy.argmax, the decode graphs' input kernel): with `ll`, the buffers, the call counter,
+    the finished programs' count and the rank; without, `placeholder` for the pointers and ALONE."""
+    if ll is None:
+        return (placeholder, placeholder, placeholder, 0), ALONE
+    ll._no_pending()
+    return (ll.ptrs, ll.epoch, ll.done, ll.rank), ll._consts()
+
+
+def send_args(ll: LLAllReduce | None, out: torch.Tensor) -> tuple[tuple, dict]:
+    """What a kernel that may send its output `out` as the next call's packets (`send_partials`:
+    triton_gemv.gemv's and triton_fused.embedding's `send`) passes for it. With `ll`, `out`
+    becomes ll.pending, so the reduce_rms_norm_ that takes it only receives; without, `out` for
+    the pointers and ALONE."""
+    if ll is None:
+        return (out, out, 0), ALONE
+    ll._no_pending()  # two sends before a receive would both take the same call
+    ll.pending = out
+    return (ll.ptrs, ll.epoch, ll.rank), ll._consts()
 
 
 def make(recv: torch.Tensor, handle, rank: int, world: int, max_bytes: int) -> LLAllReduce:

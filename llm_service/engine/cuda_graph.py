@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from llm_service.distributed import ll_exchange, tp_rank, tp_size
-from llm_service.distributed.ll_allreduce import ALONE, MAX_PROGRAMS
+from llm_service.distributed.ll_allreduce import MAX_PROGRAMS, exchange_args
 from llm_service.distributed.step import STEP, PackedStep
 
 from llm_service.layers.attention import AttentionMetadata
@@ -82,12 +82,8 @@ class _Buffers:
         n, width = step.header[1], step.header[3]
         starts = list(itertools.accumulate(step.sizes(), initial=0))  # ids, positions, slots, tables, cu, lens
         ll = ll_exchange() if step.staged else None
-        if ll is not None:
-            (ptrs, epoch, done, rank), consts = ll.exchange_args()
-            exchange = 1 if rank == 0 else 2
-        else:
-            (ptrs, epoch, done, rank), consts = (self.ids, self.ids, self.ids, 0), ALONE
-            exchange = 0
+        (ptrs, epoch, done, rank), consts = exchange_args(ll, self.ids)
+        exchange = 0 if ll is None else 1 if rank == 0 else 2
         src = step.host if step.staged else step.ints
         src = self.ids if src is None else src  # a worker's staged step: read from the packets instead
         ids_from = step.ids_from

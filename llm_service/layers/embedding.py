@@ -42,9 +42,7 @@ class VocabParallelEmbedding(nn.Module):
         sums them over the ranks (RMSNorm's reduce=True), as RowParallelLinear's partial sums."""
         if self.fused:
             sender = None if reduce else partial_sender(ids.shape[0], self.weight.shape[1], self.weight.dtype)
-            out = triton_fused.embedding(ids, self.weight, self.start, send=sender)
-            if sender is not None:
-                sender.pending = out  # the norm only receives
+            out = triton_fused.embedding(ids, self.weight, self.start, send=sender)  # pending, if sent
             return all_reduce(out) if reduce else out
         if self.tp_size == 1:
             return F.embedding(ids, self.weight)

@@ -128,8 +128,7 @@ class RowParallelLinear(LinearBase):
                 raise ValueError("a row-parallel layer with a bias must reduce its own output")
             sender = partial_sender(x.shape[0], self.weight.shape[0], x.dtype)
             if sender is not None and self.use_gemv and x.shape[0] <= triton_gemv.MAX_ROWS:
-                sender.pending = triton_gemv.gemv(x, self.weight, send=sender)  # the norm only receives
-                return sender.pending
+                return triton_gemv.gemv(x, self.weight, send=sender)  # pending: the norm only receives
             return project(x, self.weight, None, self.use_gemv)
         y = project(x, self.weight, None, self.use_gemv)
         all_reduce(y)

@@ -24,7 +24,7 @@ AVAILABLE: bool = triton is not None
 
 
 if AVAILABLE:
-    from llm_service.distributed.ll_allreduce import ALONE, send_partials
+    from llm_service.distributed.ll_allreduce import send_args, send_partials
 
     @triton.jit
     def _rms_norm_kernel(
@@ -100,10 +100,7 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor, start: int = 0, send=None
     if weight.stride(1) != 1:
         raise ValueError("embedding needs rows contiguous along the hidden dimension")
     block = min(1024, triton.next_power_of_2(H))
-    if send is not None:
-        (ptrs, epoch, rank), consts = send.send_args()
-    else:
-        (ptrs, epoch, rank), consts = (out, out, 0), ALONE
+    (ptrs, epoch, rank), consts = send_args(send, out)
     _embedding_kernel[(T, triton.cdiv(H, block))](
         ids, weight, out, start, rows, T, H, weight.stride(0), out.stride(0), ptrs, epoch, rank,
         SEND=send is not None, BLOCK=block, num_warps=4, **consts, **pdl.launch(weight.device))

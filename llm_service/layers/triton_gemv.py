@@ -48,7 +48,7 @@ EPILOGUE_ROWS = 1
 
 
 if AVAILABLE:
-    from llm_service.distributed.ll_allreduce import ALONE, send_partials
+    from llm_service.distributed.ll_allreduce import send_args, send_partials
     from llm_service.layers.triton_attention import _cache_strides, _rotate
     from llm_service.layers.triton_fused import silu_mul
 
@@ -277,12 +277,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: out must be a contiguous [{M}, {N}] {x.dtype} tensor")
     else:
         y = out
-    if send is not None:
-        if x.dtype == torch.bfloat16 and block_n % 2:
-            raise ValueError("gemv: sending bf16 partial sums needs an even block_n")
-        (ptrs, epoch, rank), consts = send.send_args()
-    else:
-        (ptrs, epoch, rank), consts = (y, y, 0), ALONE
+    if send is not None and x.dtype == torch.bfloat16 and block_n % 2:
+        raise ValueError("gemv: sending bf16 partial sums needs an even block_n")
+    (ptrs, epoch, rank), consts = send_args(send, y)
     _gemv_kernel[(triton.cdiv(N, block_n),)](
         x, weight, bias if bias is not None else weight, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
         ptrs, epoch, rank, HAS_BIAS=bias is not None, GATED=gated, SEND=send is not None, BLOCK_M=block_m,
